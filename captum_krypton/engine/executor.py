@@ -1,0 +1,215 @@
+"""Executes a region plan for batches of windows.
+
+Rows of a batch are ordered window-major, example-minor (row = w * N + n), the
+order Captum uses when it batches perturbations, so targets and additional
+arguments expand the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from captum_krypton.graph.capture import mutates_first_argument, run_node
+from captum_krypton.graph.plan import RegionPlan
+from captum_krypton.kernels import torch_ops
+
+
+class Views:
+    """The clean run's values (materialized views), with channels-last padded copies."""
+
+    def __init__(self, env: dict[fx.Node, Any]):
+        self.env = env
+        self._channels_last: dict[tuple, torch.Tensor] = {}
+
+    def channels_last(
+        self,
+        node: fx.Node,
+        pad_lo: tuple[int, ...] = (),
+        pad_hi: tuple[int, ...] = (),
+        pad_value: float = 0.0,
+    ) -> torch.Tensor:
+        """(N, *padded spatial, C) copy of the node's clean value, made once."""
+        key = (node, pad_lo, pad_hi, pad_value)
+        cached = self._channels_last.get(key)
+        if cached is None:
+            value = self.env[node]
+            if any(pad_lo) or any(pad_hi):
+                pads = [p for lo, hi in zip(reversed(pad_lo), reversed(pad_hi)) for p in (lo, hi)]
+                value = torch.nn.functional.pad(value, pads, value=pad_value)
+            cached = value.movedim(1, -1).contiguous()
+            self._channels_last[key] = cached
+        return cached
+
+
+class BatchRun:
+    """One batch of windows through the plan: what rules call to read and compute."""
+
+    def __init__(
+        self,
+        plan: RegionPlan,
+        views: Views,
+        windows: np.ndarray,
+        input_tiles: Callable[[np.ndarray], torch.Tensor],
+        extra_inputs: dict[fx.Node, Any],
+    ):
+        self.plan = plan
+        self.views = views
+        self.windows = windows
+        self.num_examples = plan.num_examples
+        self.rows = len(windows) * self.num_examples
+        self.device = views.env[plan.captured.input_node].device
+        self.example = torch.arange(self.rows, device=self.device) % self.num_examples
+        self.values: dict[fx.Node, Any] = {}
+        self._starts: dict[fx.Node, torch.Tensor] = {}
+        self._full: dict[fx.Node, Any] = {}
+        self._input_tiles = input_tiles
+        self._extra_inputs = extra_inputs
+
+    # ------------------------------------------------------------ geometry
+    def starts(self, node: fx.Node) -> torch.Tensor:
+        """(rows, ndim) start of the node's box for each row."""
+        starts = self._starts.get(node)
+        if starts is None:
+            geometry = self.plan.nodes[node].geometry
+            per_window = geometry.starts[self.windows]
+            starts = torch.from_numpy(np.repeat(per_window, self.num_examples, axis=0))
+            starts = starts.to(self.device)
+            self._starts[node] = starts
+        return starts
+
+    def size(self, node: fx.Node) -> tuple[int, ...]:
+        return self.plan.nodes[node].geometry.size
+
+    def clean_value(self, node: fx.Node) -> Any:
+        return self.views.env[node]
+
+    # ------------------------------------------------------------ reads
+    def read(
+        self,
+        node: fx.Node,
+        starts: torch.Tensor,
+        size: tuple[int, ...],
+        pad_lo: tuple[int, ...] | None = None,
+        pad_hi: tuple[int, ...] | None = None,
+        pad_value: float = 0.0,
+    ) -> torch.Tensor:
+        """Node's values over a region per row: its box where it has one, else its view,
+        else `pad_value` outside the map. Returns (rows, C, *size), channels-last."""
+        ndim = len(size)
+        pad_lo = pad_lo or (0,) * ndim
+        pad_hi = pad_hi or (0,) * ndim
+        source = self.views.channels_last(node, tuple(pad_lo), tuple(pad_hi), pad_value)
+        shift = torch.as_tensor(pad_lo, device=self.device)
+        tile = torch_ops.gather_tiles(source, self.example, starts + shift, size)
+        if self.plan.nodes[node].mode == "box":
+            box = self.values[node].movedim(1, -1)
+            tile = torch_ops.overlay_box(tile, starts, box, self.starts(node))
+        return tile.movedim(-1, 1)
+
+    def read_at(self, node: fx.Node, target: fx.Node) -> torch.Tensor:
+        """Node's values over target's box (the box itself when they coincide)."""
+        source_plan, target_plan = self.plan.nodes[node], self.plan.nodes[target]
+        if source_plan.mode == "box" and source_plan.geometry.same_as(target_plan.geometry):
+            return self.values[node]
+        return self.read(node, self.starts(target), self.size(target))
+
+    def read_operand(self, node: fx.Node, target: fx.Node) -> Any:
+        """An operand of a merging op over target's box; unboxed operands broadcast."""
+        if self.plan.nodes[node].mode == "box":
+            return self.read_at(node, target)
+        value = self.clean_value(node)
+        if not isinstance(value, torch.Tensor):
+            return value
+        target_plan = self.plan.nodes[target]
+        out_shape = target_plan.info.value.shape
+        spatial = target_plan.geometry.size
+        shape = (1,) * (len(out_shape) - value.dim()) + tuple(value.shape)
+        value = value.reshape(shape)
+        if all(s == 1 for s in shape[2:]):  # no spatial extent: broadcasts as it is
+            return value if shape[0] == 1 else value[self.example]
+        expanded = torch.broadcast_to(value, (shape[0], *out_shape[1:]))
+        rows = self.example if shape[0] > 1 else torch.zeros_like(self.example)
+        tile = torch_ops.gather_tiles(expanded.movedim(1, -1), rows, self.starts(target), spatial)
+        return tile.movedim(-1, 1)
+
+    # ------------------------------------------------------------ compute
+    def mutates(self, node: fx.Node) -> bool:
+        return mutates_first_argument(node, self.plan.captured.root)
+
+    def owned(self, node: fx.Node, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor safe to write into: a copy unless it is the node's sole-use value."""
+        if (
+            node in self.plan.captured.depends_on_input
+            and len(node.users) == 1
+            and tensor is self.values.get(node)
+        ):
+            return tensor
+        return tensor.clone()
+
+    def call(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+        return run_node(self.plan.captured.root, node, args, kwargs)
+
+    def full_value(self, node: fx.Node) -> Any:
+        """The node's value for every row as ordinary batched inference would have it."""
+        if node in self._full:
+            return self._full[node]
+        plan = self.plan.nodes[node]
+        if plan.mode == "box":
+            clean = self.views.channels_last(node)
+            full = clean[self.example]
+            torch_ops.scatter_boxes(full, self.values[node].movedim(1, -1), self.starts(node))
+            value = full.movedim(-1, 1)
+        elif plan.mode == "full":
+            value = self.values[node]
+        elif node.meta["batch_aligned"]:
+            value = self._batched_clean(node)
+        else:
+            value = self.clean_value(node)
+        if plan.mode != "full":
+            self._full[node] = value
+        return value
+
+    def _batched_clean(self, node: fx.Node) -> Any:
+        """A node that does not see the occlusion but has a batch dim, for all rows."""
+        if node.op == "placeholder":
+            value = self._extra_inputs[node]
+            return value[self.example] if isinstance(value, torch.Tensor) and value.dim() else value
+        return self.run_node_full(node)
+
+    def run_node_full(self, node: fx.Node) -> Any:
+        args = fx.node.map_arg(node.args, self.full_value)
+        kwargs = fx.node.map_arg(node.kwargs, self.full_value)
+        if self.mutates(node) and args and isinstance(args[0], torch.Tensor):
+            first = node.args[0]
+            if not (
+                isinstance(first, fx.Node)
+                and self.plan.nodes[first].mode == "full"
+                and len(first.users) == 1
+            ):
+                args = (args[0].clone(), *args[1:])
+        return self.call(node, args, kwargs)
+
+    def run(self) -> Any:
+        """Evaluate the plan's nodes; returns the model output for all rows."""
+        plan = self.plan
+        for step, node in enumerate(plan.order):
+            node_plan = plan.nodes[node]
+            if node is plan.captured.input_node:
+                value = self._input_tiles(self.windows)
+            elif node.op == "output":
+                return fx.node.map_arg(node.args[0], self.full_value)
+            elif node_plan.mode == "box":
+                value = node_plan.rule.run_box(self, node_plan.info, node_plan.spec)
+            else:
+                value = node_plan.rule.run_full(self, node_plan.info)
+            self.values[node] = value
+            for arg in node.all_input_nodes:
+                if plan.last_use.get(arg) == step:
+                    self.values.pop(arg, None)
+                    self._full.pop(arg, None)
+        raise RuntimeError("the graph has no output")

@@ -1,0 +1,136 @@
+"""Incremental occlusion of one input tensor: clean run, plan, window batches, sums."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from captum._utils.common import _expand_target, _select_targets
+from captum._utils.typing import TargetType
+
+from captum_krypton.engine.executor import BatchRun, Views
+from captum_krypton.engine.windows import WindowGrid
+from captum_krypton.graph.capture import (
+    CapturedGraph,
+    UnsupportedForIncremental,
+    evaluate,
+)
+from captum_krypton.graph.plan import DEFAULT_FULL_THRESHOLD, RegionPlan, build_plan
+
+#: Default memory for one window batch on the CPU; on CUDA, half the free memory.
+DEFAULT_CPU_MEMORY = 1 << 30
+
+
+def default_memory_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return DEFAULT_CPU_MEMORY
+
+
+def _check_baseline(inputs: torch.Tensor, baseline: Any) -> None:
+    """Outside its window the occluded input must equal the input, as in Captum's
+    formula input * 1 + baseline * 0; a dtype change or non-finite baseline breaks that."""
+    if isinstance(baseline, torch.Tensor):
+        try:
+            torch.broadcast_shapes(baseline.shape, inputs.shape)
+        except RuntimeError as exc:
+            raise UnsupportedForIncremental("baseline does not broadcast to the input") from exc
+        finite = bool(torch.isfinite(baseline).all()) if baseline.is_floating_point() else True
+        if baseline.device != inputs.device:
+            raise UnsupportedForIncremental("baseline is on another device than the input")
+    elif isinstance(baseline, (int, float)):
+        finite = math.isfinite(baseline)
+    else:
+        raise UnsupportedForIncremental(f"baseline of type {type(baseline).__name__}")
+    if not finite:
+        raise UnsupportedForIncremental("baseline has non-finite values")
+    if torch.result_type(inputs, baseline) != inputs.dtype:
+        raise UnsupportedForIncremental("baseline would change the input's dtype")
+
+
+@dataclass
+class PreparedOcclusion:
+    """Everything computed before the first window: the views and the plan."""
+
+    captured: CapturedGraph
+    inputs: torch.Tensor
+    baseline: Any
+    grid: WindowGrid
+    views: Views
+    plan: RegionPlan
+    output: torch.Tensor
+
+    @classmethod
+    def prepare(
+        cls,
+        captured: CapturedGraph,
+        inputs: torch.Tensor,
+        baseline: Any,
+        window: Sequence[int],
+        strides: Sequence[int],
+        full_threshold: float = DEFAULT_FULL_THRESHOLD,
+    ) -> PreparedOcclusion:
+        if inputs.dim() < 3:
+            raise UnsupportedForIncremental("the input has no spatial dimensions")
+        if inputs.shape[0] == 0:
+            raise UnsupportedForIncremental("the input batch is empty")
+        _check_baseline(inputs, baseline)
+        with torch.no_grad():
+            env = evaluate(captured, inputs)
+        output = env[captured.output_node]
+        if not isinstance(output, torch.Tensor):
+            raise UnsupportedForIncremental(
+                f"the model returns {type(output).__name__}, not a tensor"
+            )
+        if output.dim() == 0 or output.shape[0] != inputs.shape[0]:
+            raise UnsupportedForIncremental(
+                "the output does not have one row per example (aggregated output)"
+            )
+        grid = WindowGrid(tuple(inputs.shape[1:]), tuple(window), tuple(strides))
+        plan = build_plan(captured, env, grid.input_geometry(), full_threshold)
+        return cls(captured, inputs, baseline, grid, Views(env), plan, output)
+
+    def windows_per_batch(self, memory_budget: int | None) -> int:
+        budget = memory_budget or default_memory_budget(self.inputs.device)
+        per_window = self.plan.peak_row_bytes() * self.inputs.shape[0]
+        return int(max(1, min(self.grid.num_windows, budget // per_window)))
+
+    def input_tiles(self, windows: np.ndarray) -> torch.Tensor:
+        geometry = self.plan.nodes[self.captured.input_node].geometry
+        return self.grid.occluded_tiles(self.inputs, self.baseline, windows, geometry)
+
+    def run_windows(self, windows: np.ndarray) -> torch.Tensor:
+        """Model output for each (window, example) row of the given windows."""
+        extra = {n: v for n, v in self.captured.placeholder_values.items()}
+        with torch.no_grad():
+            batch = BatchRun(self.plan, self.views, windows, self.input_tiles, extra)
+            return batch.run()
+
+    def attribute(
+        self,
+        target: TargetType,
+        windows_per_batch: int,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Captum's result for this input: (outputs, *input.shape[1:]), float32."""
+        initial = _select_targets(self.output, target)
+        flat_initial = initial.reshape(1, -1)
+        num_outputs = flat_initial.shape[1]
+        diffs = torch.empty(
+            (self.grid.num_windows, num_outputs), dtype=flat_initial.dtype,
+            device=flat_initial.device,
+        )
+        for first in range(0, self.grid.num_windows, windows_per_batch):
+            windows = np.arange(first, min(first + windows_per_batch, self.grid.num_windows))
+            output = self.run_windows(windows)
+            modified = _select_targets(output, _expand_target(target, len(windows)))
+            diffs[first : first + len(windows)] = flat_initial - modified.reshape(-1, num_outputs)
+            if on_batch is not None:
+                on_batch(len(windows))
+        total, count = self.grid.accumulate(diffs)
+        return (total / count).to(torch.float32).to(self.inputs.device)

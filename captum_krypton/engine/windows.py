@@ -1,0 +1,111 @@
+"""The occlusion windows of one input, as Captum numbers and shapes them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from captum_krypton.graph.registry import Geometry
+from captum_krypton.kernels import torch_ops
+
+
+@dataclass(frozen=True)
+class WindowGrid:
+    """Windows of shape `window` moved by `strides` over the non-batch dims of `shape`.
+
+    Per dim there are ceil((D - K) / s) + 1 windows starting at k * s; the last is
+    cut off at the border (Captum's convention). Windows are numbered in C order
+    over the grid, so per-window results reshape to the grid directly.
+    """
+
+    shape: tuple[int, ...]  # the input's non-batch shape (C, *spatial)
+    window: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        return tuple(
+            math.ceil((d - k) / s) + 1 for d, k, s in zip(self.shape, self.window, self.strides)
+        )
+
+    @property
+    def num_windows(self) -> int:
+        return math.prod(self.counts)
+
+    def bounds(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[lo, hi) of the given windows over every non-batch dim, clipped to the input."""
+        grid_index = np.stack(np.unravel_index(windows, self.counts), axis=1)
+        lo = grid_index * np.asarray(self.strides)
+        hi = np.minimum(lo + np.asarray(self.window), np.asarray(self.shape))
+        return lo.astype(np.int64), hi.astype(np.int64)
+
+    def input_geometry(self) -> Geometry:
+        """The box each window changes at the input: its spatial extent, all channels."""
+        lo, hi = self.bounds(np.arange(self.num_windows))
+        return Geometry.from_bounds(lo[:, 1:], hi[:, 1:], tuple(self.shape[1:]))
+
+    def coverage(self, dim: int) -> torch.Tensor:
+        """(windows along dim, size of dim) 0/1 matrix: which positions each covers."""
+        starts = np.arange(self.counts[dim]) * self.strides[dim]
+        positions = np.arange(self.shape[dim])
+        covered = (positions >= starts[:, None]) & (positions < starts[:, None] + self.window[dim])
+        return torch.from_numpy(covered.astype(np.float64))
+
+    def accumulate(self, diffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of each window's output difference over the positions it covers, and counts.
+
+        diffs: (num_windows, outputs). The sum over windows is separable per dim,
+        so it is a chain of small matrix products rather than a loop over windows.
+        """
+        total = diffs.to(torch.float64).cpu().reshape(*self.counts, diffs.shape[1])
+        count = torch.ones((), dtype=torch.float64)
+        for dim in range(len(self.shape)):
+            matrix = self.coverage(dim)
+            total = torch.tensordot(total, matrix, dims=([0], [0]))
+            count = count.unsqueeze(-1) * matrix.sum(dim=0)
+        return total, count
+
+    def occluded_tiles(
+        self,
+        inputs: torch.Tensor,
+        baseline: Any,
+        windows: np.ndarray,
+        geometry: Geometry,
+    ) -> torch.Tensor:
+        """The input box of each (window, example) row after occlusion: (rows, C, *size).
+
+        Uses Captum's own formula, input * (1 - mask) + baseline * mask, on the box.
+        """
+        num_examples = inputs.shape[0]
+        device = inputs.device
+        rows = len(windows) * num_examples
+        example = torch.arange(rows, device=device) % num_examples
+        starts_np = np.repeat(geometry.starts[windows], num_examples, axis=0)
+        starts = torch.from_numpy(starts_np).to(device)
+        size = geometry.size
+        tile = torch_ops.gather_tiles(inputs.movedim(1, -1), example, starts, size)
+
+        lo, hi = self.bounds(windows)
+        lo = torch.from_numpy(np.repeat(lo, num_examples, axis=0)).to(device)
+        hi = torch.from_numpy(np.repeat(hi, num_examples, axis=0)).to(device)
+        ndim = len(size)
+        mask = torch.ones((), dtype=torch.bool, device=device)
+        for d in range(ndim):
+            position = torch_ops._axis_index(starts, size, d)
+            lo_d = lo[:, d + 1].view([rows] + [1] * ndim)
+            hi_d = hi[:, d + 1].view([rows] + [1] * ndim)
+            mask = mask & (position >= lo_d) & (position < hi_d)
+        channel = torch.arange(self.shape[0], device=device)
+        channel_mask = (channel >= lo[:, :1]) & (channel < hi[:, :1])  # (rows, C)
+        mask = (mask.unsqueeze(-1) & channel_mask.view([rows] + [1] * ndim + [-1])).float()
+
+        if isinstance(baseline, torch.Tensor):
+            full_baseline = torch.broadcast_to(baseline, inputs.shape).movedim(1, -1)
+            baseline = torch_ops.gather_tiles(full_baseline, example, starts, size)
+        one = torch.ones(1, dtype=torch.long, device=device)
+        occluded = tile * (one - mask).to(tile.dtype) + baseline * mask.to(tile.dtype)
+        return occluded.movedim(-1, 1)

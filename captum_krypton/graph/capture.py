@@ -1,0 +1,237 @@
+"""Graph capture: trace the model with torch.fx and run its nodes one at a time.
+
+torch.fx is used rather than torch.export because symbolic tracing takes
+milliseconds, keeps the user's own modules (so every op runs with the model's own
+parameters and code, which is what makes the results equal Captum's), and copies
+nothing: the traced graph only names submodules, which are looked up on the live
+model each time they run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+
+class UnsupportedForIncremental(Exception):
+    """Incremental evaluation does not apply; the message says why."""
+
+
+_INPLACE_OPERATORS = {
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+}
+
+
+def resolve_module(forward_func: Callable[..., Any]) -> nn.Module:
+    """The module whose forward is `forward_func`, or raise with the reason."""
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    func = getattr(forward_func, "__func__", None)
+    if isinstance(owner, nn.Module) and func is getattr(type(owner), "forward", None):
+        return owner
+    raise UnsupportedForIncremental(
+        "forward_func is neither an nn.Module nor the bound forward of one"
+    )
+
+
+def check_no_hooks(module: nn.Module) -> None:
+    """Hooks expect whole feature maps; a model carrying any runs on Captum's path."""
+    from torch.nn.modules import module as module_mod
+
+    global_hooks = (
+        module_mod._global_forward_hooks,
+        module_mod._global_forward_pre_hooks,
+    )
+    if any(len(h) for h in global_hooks):
+        raise UnsupportedForIncremental("global forward hooks are registered")
+    for name, sub in module.named_modules():
+        if sub._forward_hooks or sub._forward_pre_hooks:
+            raise UnsupportedForIncremental(
+                f"module '{name or type(module).__name__}' has forward hooks"
+            )
+
+
+@dataclass
+class CapturedGraph:
+    """A traced forward: its nodes in order and which of them see the occluded input."""
+
+    root: nn.Module
+    graph: fx.Graph
+    nodes: list[fx.Node]
+    input_node: fx.Node
+    placeholder_values: dict[fx.Node, Any]
+    output_node: fx.Node
+    depends_on_input: set[fx.Node] = field(default_factory=set)
+    batch_aligned: set[fx.Node] = field(default_factory=set)
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.root.get_submodule(node.target)
+
+
+def _trace_key(value: Any) -> Any:
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return id(value)
+
+
+def capture(module: nn.Module, additional_args: Sequence[Any]) -> CapturedGraph:
+    """Trace `module` called as module(input, *additional_args)."""
+    check_no_hooks(module)
+    signature = inspect.signature(module.forward)
+    params = list(signature.parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        raise UnsupportedForIncremental("forward takes *args or **kwargs")
+    if len(params) < 1 + len(additional_args):
+        raise UnsupportedForIncremental("forward takes fewer arguments than given")
+
+    # Non-tensor arguments are baked into the trace, so Python control flow on
+    # them is fine; tensors stay graph inputs.
+    concrete: dict[str, Any] = {}
+    tensor_params: list[str] = [params[0].name]
+    given = list(additional_args)
+    for i, param in enumerate(params[1:]):
+        if i < len(given):
+            if isinstance(given[i], torch.Tensor):
+                tensor_params.append(param.name)
+            else:
+                concrete[param.name] = given[i]
+        elif param.default is not inspect.Parameter.empty:
+            concrete[param.name] = param.default
+        else:
+            raise UnsupportedForIncremental(f"forward argument '{param.name}' is not given")
+
+    try:
+        graph = fx.Tracer().trace(module, concrete_args=concrete or None)
+    except Exception as exc:  # tracing failures come in every exception type
+        raise UnsupportedForIncremental(
+            f"torch.fx could not trace the model ({type(exc).__name__}: {exc})"
+        ) from exc
+
+    nodes = list(graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    tensor_by_name = dict(zip(tensor_params, [None, *[a for a in given if isinstance(a, torch.Tensor)]]))
+    placeholder_values: dict[fx.Node, Any] = {}
+    input_node = None
+    for node in placeholders:
+        name = node.target.lstrip("*")
+        if name == params[0].name:
+            input_node = node
+        elif name in tensor_by_name:
+            placeholder_values[node] = tensor_by_name[name]
+        elif name in concrete:
+            placeholder_values[node] = concrete[name]
+        elif node.args:
+            placeholder_values[node] = node.args[0]
+        else:
+            raise UnsupportedForIncremental(f"no value for graph input '{name}'")
+    if input_node is None:
+        raise UnsupportedForIncremental("the traced graph does not use the input")
+    output_node = next(n for n in reversed(nodes) if n.op == "output")
+
+    captured = CapturedGraph(
+        root=module,
+        graph=graph,
+        nodes=nodes,
+        input_node=input_node,
+        placeholder_values=placeholder_values,
+        output_node=output_node,
+    )
+    tensor_placeholders = {input_node} | {
+        n for n, v in placeholder_values.items() if isinstance(v, torch.Tensor)
+    }
+    for node in nodes:
+        inputs = node.all_input_nodes
+        if node is input_node or any(a in captured.depends_on_input for a in inputs):
+            captured.depends_on_input.add(node)
+        if node in tensor_placeholders or any(a in captured.batch_aligned for a in inputs):
+            captured.batch_aligned.add(node)
+    return captured
+
+
+def trace_cache_key(additional_args: Sequence[Any]) -> tuple:
+    """Key under which a trace can be reused: non-tensor arguments are baked in."""
+    return tuple(
+        ("tensor", a.dim()) if isinstance(a, torch.Tensor) else ("value", type(a), _trace_key(a))
+        for a in additional_args
+    )
+
+
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def mutates_first_argument(node: fx.Node, root: nn.Module) -> bool:
+    """Whether running the node writes into its first argument (in-place op)."""
+    if node.kwargs.get("inplace", False):
+        return True
+    if node.op == "call_module":
+        return bool(getattr(root.get_submodule(node.target), "inplace", False))
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.startswith("_")
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    return False
+
+
+def run_node(root: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+    """Run one traced node with concrete arguments, exactly as the model would."""
+    if node.op == "call_module":
+        return root.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        self_obj, *rest = args
+        return getattr(self_obj, node.target)(*rest, **kwargs)
+    if node.op == "get_attr":
+        return fetch_attr(root, node.target)
+    raise ValueError(f"cannot run node of kind {node.op}")
+
+
+def clone_if_tensor(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def evaluate(captured: CapturedGraph, input_value: torch.Tensor) -> dict[fx.Node, Any]:
+    """Plain forward through the graph, keeping every node's value (the views).
+
+    In-place ops get a copy of their first argument so that every kept value stays
+    what its node produced.
+    """
+    env: dict[fx.Node, Any] = {}
+    for node in captured.nodes:
+        if node.op == "placeholder":
+            env[node] = input_value if node is captured.input_node else captured.placeholder_values[node]
+            continue
+        if node.op == "output":
+            env[node] = fx.node.map_arg(node.args[0], lambda n: env[n])
+            continue
+        args = fx.node.map_arg(node.args, lambda n: env[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        if mutates_first_argument(node, captured.root) and args:
+            args = (clone_if_tensor(args[0]), *args[1:])
+        env[node] = run_node(captured.root, node, args, kwargs)
+    return env

@@ -1,0 +1,242 @@
+"""The region plan: per node of the graph, `none`, `box` (with its geometry) or `full`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from captum_krypton.graph import rules  # noqa: F401  (fills the registry)
+from captum_krypton.graph.capture import CapturedGraph
+from captum_krypton.graph.registry import FULL_RULE, Geometry, NodeInfo, OpRule, rule_for
+from captum_krypton.graph.rules import describe_target
+
+#: A box covering at least this share of its map is computed whole instead:
+#: gathering tiles costs more than the few positions it saves.
+DEFAULT_FULL_THRESHOLD = 0.75
+
+
+@dataclass
+class NodePlan:
+    node: fx.Node
+    info: NodeInfo
+    rule: OpRule
+    spec: Any
+    mode: str  # "none" | "box" | "full"
+    geometry: Geometry | None
+    reason: str
+    flops_full: float
+    flops_incremental: float
+    row_bytes: int
+
+    @property
+    def op(self) -> str:
+        if self.node.op == "placeholder":
+            return "input"
+        return describe_target(self.node, self.info.module)
+
+
+@dataclass
+class RegionPlan:
+    """How each node is evaluated for a window batch, and what that saves."""
+
+    captured: CapturedGraph
+    nodes: dict[fx.Node, NodePlan]
+    order: list[fx.Node]  # the nodes a window batch evaluates, in order
+    num_examples: int
+    last_use: dict[fx.Node, int] = field(default_factory=dict)
+
+    @property
+    def flops_full(self) -> float:
+        return sum(p.flops_full for p in self.nodes.values())
+
+    @property
+    def flops_incremental(self) -> float:
+        return sum(p.flops_incremental for p in self.nodes.values())
+
+    @property
+    def theoretical_speedup(self) -> float:
+        """FLOPs of full re-inference over FLOPs of this plan (the speedup limit)."""
+        return self.flops_full / max(self.flops_incremental, 1.0)
+
+    def peak_row_bytes(self) -> int:
+        """Largest memory live at once for one row (one window of one example)."""
+        live: dict[fx.Node, int] = {}
+        peak = 0
+        for step, node in enumerate(self.order):
+            plan = self.nodes[node]
+            temp = 0
+            if plan.mode == "full":
+                temp = sum(
+                    self.nodes[a].info.value[0].numel() * self.nodes[a].info.value.element_size()
+                    for a in node.all_input_nodes
+                    if self.nodes[a].mode == "box"
+                )
+            elif plan.mode == "box":
+                temp = 2 * sum(live.get(a, 0) for a in node.all_input_nodes)
+            live[node] = plan.row_bytes
+            peak = max(peak, sum(live.values()) + temp)
+            for done in [n for n in live if self.last_use.get(n, step) <= step]:
+                del live[done]
+        return max(peak, 1)
+
+    def table(self) -> list[dict[str, Any]]:
+        rows = []
+        for node in self.order:
+            p = self.nodes[node]
+            if p.mode == "none" or node.op == "output":
+                continue
+            value = p.info.value
+            map_size = tuple(value.shape[2:]) if isinstance(value, torch.Tensor) else ()
+            rows.append(
+                {
+                    "node": node.name,
+                    "op": p.op,
+                    "mode": p.mode,
+                    "box": p.geometry.size if p.geometry else map_size,
+                    "map": map_size,
+                    "flops_full": p.flops_full,
+                    "flops_incremental": p.flops_incremental,
+                    "reason": p.reason,
+                }
+            )
+        return rows
+
+    def summary(self, max_rows: int | None = None) -> str:
+        """A readable table: per layer the box, the mode and the FLOP ratio."""
+        lines = [f"{'node':<28} {'op':<18} {'mode':<5} {'box / map':<22} {'FLOP ratio':>10}"]
+        table = self.table()
+        shown = table if max_rows is None else table[:max_rows]
+        for row in shown:
+            ratio = (
+                f"{row['flops_full'] / row['flops_incremental']:.2f}x"
+                if row["flops_incremental"] > 0
+                else "-"
+            )
+            extent = f"{'x'.join(map(str, row['box']))} / {'x'.join(map(str, row['map']))}"
+            lines.append(
+                f"{row['node'][:28]:<28} {row['op'][:18]:<18} {row['mode']:<5} "
+                f"{extent:<22} {ratio:>10}"
+            )
+        if len(shown) < len(table):
+            lines.append(f"... {len(table) - len(shown)} more nodes")
+        full_at = next((r["node"] for r in table if r["mode"] == "full"), None)
+        lines.append(
+            f"FLOPs per window: full re-inference {self.flops_full / 1e6:.1f} M, "
+            f"incremental {self.flops_incremental / 1e6:.1f} M; "
+            f"theoretical speedup {self.theoretical_speedup:.2f}x"
+            + (f"; switches to full at '{full_at}'" if full_at else "")
+        )
+        return "\n".join(lines)
+
+
+def _annotate(captured: CapturedGraph, env: dict[fx.Node, Any]) -> None:
+    for node in captured.nodes:
+        value = env.get(node)
+        is_tensor = isinstance(value, torch.Tensor)
+        node.meta["is_tensor"] = is_tensor
+        node.meta["ndim"] = value.dim() if is_tensor else 0
+        node.meta["shape"] = tuple(value.shape) if is_tensor else None
+        node.meta["batch_aligned"] = node in captured.batch_aligned
+
+
+def _row_bytes(value: Any, geometry: Geometry | None) -> int:
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return 0
+    per_row = value[0].numel() * value.element_size()
+    if geometry is not None:
+        per_row = per_row * geometry.volume // max(geometry.map_volume, 1)
+    return per_row
+
+
+def build_plan(
+    captured: CapturedGraph,
+    env: dict[fx.Node, Any],
+    input_geometry: Geometry,
+    full_threshold: float = DEFAULT_FULL_THRESHOLD,
+) -> RegionPlan:
+    """Plan every node from the clean run's values and the windows' input boxes.
+
+    Raises UnsupportedForIncremental when an op forces Captum's path (e.g. a
+    BatchNorm in training mode).
+    """
+    _annotate(captured, env)
+    nodes: dict[fx.Node, NodePlan] = {}
+    order: list[fx.Node] = []
+    num_examples = env[captured.input_node].shape[0]
+    for node in captured.nodes:
+        value = env[node]
+        module = captured.module(node) if node.op == "call_module" else None
+        info = NodeInfo(
+            node=node,
+            module=module,
+            args=fx.node.map_arg(node.args, lambda n: env[n]),
+            kwargs=fx.node.map_arg(node.kwargs, lambda n: env[n]),
+            value=value,
+        )
+        rule = rule_for(node, module) if node.op.startswith("call_") else FULL_RULE
+        rule.check(info)
+        flops_full = rule.flops(info) if node.op.startswith("call_") else 0.0
+        geometry: Geometry | None = None
+        spec = None
+        reason = ""
+        if node.op == "output":
+            mode = "full"
+        elif node not in captured.depends_on_input:
+            mode = "none"
+        elif node is captured.input_node:
+            mode, geometry = "box", input_geometry
+        else:
+            inputs = [a for a in node.all_input_nodes if a in captured.depends_on_input]
+            in_geoms = {a: nodes[a].geometry for a in inputs if nodes[a].mode == "box"}
+            if len(in_geoms) < len(inputs):
+                reason = "an input is full"
+            elif rule is FULL_RULE:
+                reason = f"no box rule for {describe_target(node, module)}"
+            else:
+                spec = rule.spec(info)
+                geometry = rule.propagate(info, spec, in_geoms) if spec is not None else None
+                if geometry is None:
+                    reason = f"{rule.name} cannot keep a box here"
+                elif geometry.volume >= full_threshold * geometry.map_volume:
+                    reason = (
+                        f"box covers {geometry.volume / geometry.map_volume:.0%} of the map"
+                    )
+                    geometry = None
+            mode = "box" if geometry is not None else "full"
+        if mode == "box" and rule is not FULL_RULE and spec is None and node is not captured.input_node:
+            mode, geometry = "full", None
+        if mode == "none":
+            flops_incremental = 0.0
+        elif mode == "box" and geometry is not None:
+            flops_incremental = flops_full * geometry.volume / max(geometry.map_volume, 1)
+        else:
+            flops_incremental = flops_full
+        nodes[node] = NodePlan(
+            node=node,
+            info=info,
+            rule=rule,
+            spec=spec,
+            mode=mode,
+            geometry=geometry,
+            reason=reason,
+            flops_full=flops_full,
+            flops_incremental=flops_incremental,
+            row_bytes=_row_bytes(value, geometry) if mode != "none" else 0,
+        )
+        if mode != "none":
+            order.append(node)
+    last_use: dict[fx.Node, int] = {}
+    for step, node in enumerate(order):
+        for arg in node.all_input_nodes:
+            last_use[arg] = step
+    for node in order:
+        last_use.setdefault(node, order.index(node))
+    return RegionPlan(captured, nodes, order, num_examples, last_use)
+
+
+def flops_ratio_limit(plan: RegionPlan) -> float:
+    return plan.theoretical_speedup if math.isfinite(plan.theoretical_speedup) else 1.0

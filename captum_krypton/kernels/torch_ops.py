@@ -1,0 +1,76 @@
+"""Tile operations of the engine, in torch ops.
+
+These are the engine's only data-movement primitives; a GPU backend replaces
+them with kernels of the same math. All tensors here are channels-last:
+`(rows, *spatial, channels)`, so each gathered position is one contiguous vector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _axis_index(starts: torch.Tensor, size: Sequence[int], dim: int) -> torch.Tensor:
+    """Index of spatial axis `dim`, shaped to broadcast as (rows, *size)."""
+    rows, ndim = starts.shape
+    shape = [rows] + [1] * ndim
+    shape[dim + 1] = size[dim]
+    offsets = torch.arange(size[dim], device=starts.device)
+    return (starts[:, dim].unsqueeze(1) + offsets).view(shape)
+
+
+def gather_tiles(
+    source: torch.Tensor, source_row: torch.Tensor, starts: torch.Tensor, size: Sequence[int]
+) -> torch.Tensor:
+    """Row r gets source[source_row[r]] at [starts[r], starts[r] + size): all in range."""
+    rows, ndim = starts.shape
+    index = [source_row.view([rows] + [1] * ndim)]
+    index += [_axis_index(starts, size, d) for d in range(ndim)]
+    return source[tuple(index)]
+
+
+def overlay_box(
+    tile: torch.Tensor, tile_starts: torch.Tensor, box: torch.Tensor, box_starts: torch.Tensor
+) -> torch.Tensor:
+    """Write each row's box over its tile where they overlap (offsets in map coordinates).
+
+    When every box lies inside its tile the box is scattered (box-sized work);
+    otherwise each tile position picks the box or the tile (tile-sized work).
+    """
+    rows, ndim = tile_starts.shape
+    tile_size = tile.shape[1:-1]
+    box_size = box.shape[1:-1]
+    relative = box_starts - tile_starts
+    if not all(box_size):
+        return tile
+    inside = bool(
+        ((relative >= 0) & (relative + torch.tensor(box_size, device=relative.device)
+                            <= torch.tensor(tile_size, device=relative.device))).all()
+    )
+    row_index = torch.arange(rows, device=tile.device).view([rows] + [1] * ndim)
+    if inside:
+        index = [row_index] + [_axis_index(relative, box_size, d) for d in range(ndim)]
+        tile[tuple(index)] = box
+        return tile
+    # Positions of the tile expressed in box coordinates.
+    inverse = tile_starts - box_starts
+    mask = torch.ones((), dtype=torch.bool, device=tile.device)
+    index = [row_index]
+    for d in range(ndim):
+        position = _axis_index(inverse, tile_size, d)
+        mask = mask & (position >= 0) & (position < box_size[d])
+        index.append(position.clamp(0, box_size[d] - 1))
+    from_box = box[tuple(index)]
+    return torch.where(mask.unsqueeze(-1), from_box, tile)
+
+
+def scatter_boxes(full: torch.Tensor, box: torch.Tensor, box_starts: torch.Tensor) -> torch.Tensor:
+    """Projection: write each row's box into its full map (in place), boxes inside maps."""
+    rows, ndim = box_starts.shape
+    row_index = torch.arange(rows, device=full.device).view([rows] + [1] * ndim)
+    size = box.shape[1:-1]
+    index = [row_index] + [_axis_index(box_starts, size, d) for d in range(ndim)]
+    full[tuple(index)] = box
+    return full
