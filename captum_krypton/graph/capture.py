@@ -127,21 +127,16 @@ def capture(module: nn.Module, additional_args: Sequence[Any]) -> CapturedGraph:
 
     nodes = list(graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
-    tensor_by_name = dict(zip(tensor_params, [None, *[a for a in given if isinstance(a, torch.Tensor)]]))
+    if len(placeholders) != len(params):
+        raise UnsupportedForIncremental("the traced graph's inputs do not match forward's")
+    tensors = iter(a for a in given if isinstance(a, torch.Tensor))
     placeholder_values: dict[fx.Node, Any] = {}
-    input_node = None
-    for node in placeholders:
-        name = node.target.lstrip("*")
-        if name == params[0].name:
-            input_node = node
-        elif name in tensor_by_name:
-            placeholder_values[node] = tensor_by_name[name]
-        elif name in concrete:
-            placeholder_values[node] = concrete[name]
-        elif node.args:
-            placeholder_values[node] = node.args[0]
+    input_node = placeholders[0]
+    for node, param in zip(placeholders[1:], params[1:]):  # placeholders follow forward's order
+        if param.name in concrete:
+            placeholder_values[node] = concrete[param.name]
         else:
-            raise UnsupportedForIncremental(f"no value for graph input '{name}'")
+            placeholder_values[node] = next(tensors)
     if input_node is None:
         raise UnsupportedForIncremental("the traced graph does not use the input")
     output_node = next(n for n in reversed(nodes) if n.op == "output")

@@ -1,0 +1,65 @@
+"""Shared helpers: every exactness test compares with captum.attr.Occlusion itself."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from captum.attr import Occlusion
+
+from captum_krypton import FallbackWarning, IncrementalOcclusion
+
+#: Tolerance of fp32 comparisons, relative to the larger of the attribution map's
+#: and the model output's scale: an attribution is a difference of two outputs,
+#: so rounding noise scales with the outputs. Captum's own results move by about
+#: 1e-5 of the map between perturbations_per_eval=1 and 64.
+FP32_TOLERANCE = 1e-5
+#: Same in float64 models, where any real mismatch would stand far above it.
+FP64_TOLERANCE = 1e-10
+
+
+def captum_and_ours(model, inputs, *, ppe=16, engine="incremental", **kwargs):
+    """Captum's Occlusion and IncrementalOcclusion on the same call."""
+    expected = Occlusion(model).attribute(inputs, perturbations_per_eval=ppe, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        actual = IncrementalOcclusion(model).attribute(inputs, engine=engine, **kwargs)
+    return expected, actual
+
+
+def assert_close_to_captum(expected, actual, output_scale, tolerance=None):
+    expected_t = expected if isinstance(expected, tuple) else (expected,)
+    actual_t = actual if isinstance(actual, tuple) else (actual,)
+    assert isinstance(actual, tuple) == isinstance(expected, tuple)
+    for e, a in zip(expected_t, actual_t):
+        assert a.shape == e.shape
+        assert a.dtype == e.dtype == torch.float32
+        if tolerance is None:
+            tolerance = FP32_TOLERANCE
+        scale = max(e.abs().max().item(), float(output_scale), 1e-12)
+        torch.testing.assert_close(a, e, rtol=0, atol=tolerance * scale)
+
+
+def check_model(model, inputs, additional_forward_args=None, tolerance=None, **kwargs):
+    """Run both and compare; returns (expected, actual)."""
+    with torch.no_grad():
+        extra = () if additional_forward_args is None else (
+            additional_forward_args
+            if isinstance(additional_forward_args, tuple)
+            else (additional_forward_args,)
+        )
+        x = inputs[0] if isinstance(inputs, tuple) else inputs
+        output_scale = model(x, *extra).abs().max().item()
+    expected, actual = captum_and_ours(
+        model, inputs, additional_forward_args=additional_forward_args, **kwargs
+    )
+    if tolerance is None and x.dtype == torch.float64:
+        tolerance = FP64_TOLERANCE
+    assert_close_to_captum(expected, actual, output_scale, tolerance)
+    return expected, actual
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
