@@ -65,3 +65,35 @@ def small_cnn(cls=SmallCNN, *args) -> nn.Module:
     model.bn1.running_mean.uniform_(-0.3, 0.3)
     model.bn1.running_var.uniform_(0.5, 1.5)
     return model.eval()
+
+
+def fail_on_large_batch(x: torch.Tensor, limit: int) -> torch.Tensor:
+    """Raises once a batch holds more than `limit` rows (an fx leaf, so it traces)."""
+    if x.shape[0] > limit:
+        raise RuntimeError(f"batch of {x.shape[0]} is too large")
+    return x
+
+
+torch.fx.wrap("fail_on_large_batch")
+
+
+class FailsMidwayCNN(SmallCNN):
+    def forward(self, x):
+        return self.fc(fail_on_large_batch(self.features(x), 4).mean((2, 3)))
+
+
+class DataDependentCNN(SmallCNN):
+    def forward(self, x):
+        if x.sum() > 0:  # Python control flow on a tensor: not traceable
+            x = -x
+        return super().forward(x)
+
+
+class TwoInputCNN(SmallCNN):
+    def forward(self, x, y):
+        return super().forward(x + y)
+
+
+class SummedCNN(SmallCNN):
+    def forward(self, x):
+        return super().forward(x).sum()

@@ -160,10 +160,10 @@ class BatchRun:
             return self._full[node]
         plan = self.plan.nodes[node]
         if plan.mode == "box":
-            clean = self.views.channels_last(node)
-            full = clean[self.example]
-            torch_ops.scatter_boxes(full, self.values[node].movedim(1, -1), self.starts(node))
-            value = full.movedim(-1, 1)
+            # In the clean value's own memory format: models may `.view` it.
+            value = self.clean_value(node)[self.example]
+            box = self.values[node].movedim(1, -1)
+            torch_ops.scatter_boxes(value.movedim(1, -1), box, self.starts(node))
         elif plan.mode == "full":
             value = self.values[node]
         elif node.meta["batch_aligned"]:

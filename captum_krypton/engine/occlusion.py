@@ -19,7 +19,7 @@ from captum_krypton.graph.capture import (
     UnsupportedForIncremental,
     evaluate,
 )
-from captum_krypton.graph.plan import DEFAULT_FULL_THRESHOLD, RegionPlan, build_plan
+from captum_krypton.graph.plan import DEFAULT_FULL_THRESHOLD, RegionPlan, build_plan, check_ops
 
 #: Default memory for one window batch on the CPU; on CUDA, half the free memory.
 DEFAULT_CPU_MEMORY = 1 << 30
@@ -80,6 +80,7 @@ class PreparedOcclusion:
         if inputs.shape[0] == 0:
             raise UnsupportedForIncremental("the input batch is empty")
         _check_baseline(inputs, baseline)
+        check_ops(captured)  # before the clean run, which would update training-mode state
         with torch.no_grad():
             env = evaluate(captured, inputs)
         output = env[captured.output_node]
@@ -133,4 +134,6 @@ class PreparedOcclusion:
             if on_batch is not None:
                 on_batch(len(windows))
         total, count = self.grid.accumulate(diffs)
-        return (total / count).to(torch.float32).to(self.inputs.device)
+        # As Captum: the sum in the output's dtype, divided by counts in float32.
+        result = total.to(flat_initial.dtype).float() / count.float()
+        return result.to(self.inputs.device)

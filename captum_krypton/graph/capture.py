@@ -141,6 +141,8 @@ def capture(module: nn.Module, additional_args: Sequence[Any]) -> CapturedGraph:
         raise UnsupportedForIncremental("the traced graph does not use the input")
     output_node = next(n for n in reversed(nodes) if n.op == "output")
 
+    _check_inputs_not_mutated(module, nodes)
+    _redirect_inplace_aliases(module, nodes)
     captured = CapturedGraph(
         root=module,
         graph=graph,
@@ -159,6 +161,47 @@ def capture(module: nn.Module, additional_args: Sequence[Any]) -> CapturedGraph:
         if node in tensor_placeholders or any(a in captured.batch_aligned for a in inputs):
             captured.batch_aligned.add(node)
     return captured
+
+
+_VIEW_METHODS = {
+    "view", "reshape", "permute", "transpose", "narrow", "select", "flatten", "squeeze",
+    "unsqueeze", "expand", "expand_as", "view_as", "t", "unflatten", "movedim", "detach",
+}
+
+
+def _check_inputs_not_mutated(module: nn.Module, nodes: list[fx.Node]) -> None:
+    """A model writing into its own input changes what Captum occludes next; only
+    Captum's path reproduces that, so such models run there."""
+    aliases = {n for n in nodes if n.op == "placeholder"}
+    for node in nodes:
+        first = node.args[0] if node.args else None
+        if first not in aliases:
+            continue
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if name in _VIEW_METHODS or node.target is operator.getitem:
+            aliases.add(node)
+        elif mutates_first_argument(node, module):
+            raise UnsupportedForIncremental(
+                f"'{node.name}' writes into the model's input in place"
+            )
+
+
+def _redirect_inplace_aliases(module: nn.Module, nodes: list[fx.Node]) -> None:
+    """After `relu_(a)`, later readers of `a` see the new values: point them at the
+    in-place node, so every node can then run out of place with the same results."""
+    position = {node: i for i, node in enumerate(nodes)}
+    for node in nodes:
+        if not node.op.startswith("call_") or not mutates_first_argument(node, module):
+            continue
+        target = node.args[0] if node.args else None
+        if not isinstance(target, fx.Node):
+            continue
+        name = target.target if target.op == "call_method" else getattr(target.target, "__name__", "")
+        if name in _VIEW_METHODS or target.target is operator.getitem:
+            raise UnsupportedForIncremental(f"'{node.name}' writes in place into a view")
+        for user in list(target.users):
+            if user is not node and position[user] > position[node]:
+                user.replace_input_with(target, node)
 
 
 def trace_cache_key(additional_args: Sequence[Any]) -> tuple:

@@ -152,6 +152,15 @@ def _row_bytes(value: Any, geometry: Geometry | None) -> int:
     return per_row
 
 
+def check_ops(captured: CapturedGraph) -> None:
+    """Let every rule veto incremental evaluation before anything runs."""
+    for node in captured.nodes:
+        if node.op.startswith("call_"):
+            module = captured.module(node) if node.op == "call_module" else None
+            info = NodeInfo(node, module, node.args, node.kwargs, None)
+            rule_for(node, module).check(info)
+
+
 def build_plan(
     captured: CapturedGraph,
     env: dict[fx.Node, Any],
@@ -178,7 +187,6 @@ def build_plan(
             value=value,
         )
         rule = rule_for(node, module) if node.op.startswith("call_") else FULL_RULE
-        rule.check(info)
         flops_full = rule.flops(info) if node.op.startswith("call_") else 0.0
         geometry: Geometry | None = None
         spec = None

@@ -1,0 +1,116 @@
+"""When incremental evaluation does not apply: Captum's path, with the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import Occlusion
+from torch import nn
+
+from captum_krypton import FallbackWarning, IncrementalNotApplicable, IncrementalOcclusion
+from tests import models
+
+
+def _cases():
+    cnn = models.small_cnn()
+    x = torch.randn(2, 3, 12, 12)
+    training = models.small_cnn().train()
+    hooked = models.small_cnn()
+    hooked.conv2.register_forward_hook(lambda m, i, o: None)
+    return [
+        ("lambda", lambda inp: cnn(inp), x, "neither an nn.Module"),
+        ("tuple", models.small_cnn(models.TwoInputCNN), (x, x.clone()), "several input tensors"),
+        ("training", training, x, "training mode"),
+        ("hooks", hooked, x, "forward hooks"),
+        ("untraceable", models.small_cnn(models.DataDependentCNN), x, "could not trace"),
+        ("aggregated", models.small_cnn(models.SummedCNN), x, "aggregated output"),
+        ("mutates input", nn.Sequential(nn.ReLU(inplace=True), models.small_cnn()).eval(), x,
+         "writes into the model's input"),
+        ("no spatial dims", torch.nn.Linear(6, 3).eval(), torch.randn(2, 6), "no spatial"),
+    ]
+
+
+CASES = _cases()
+
+
+def _window(inputs):
+    if isinstance(inputs, tuple):
+        return tuple((3, 4, 4) for _ in inputs)
+    return (3, 4, 4) if inputs.dim() == 4 else (2,)
+
+
+@pytest.mark.parametrize("name,forward,inputs,reason", CASES, ids=[c[0] for c in CASES])
+def test_fallback_equals_captum_and_says_why(name, forward, inputs, reason):
+    target = None if name == "aggregated" else 1
+    strides = tuple(2 for _ in inputs) if isinstance(inputs, tuple) else 2
+    torch.manual_seed(0)
+    expected = Occlusion(forward).attribute(
+        inputs, _window(inputs), strides=strides, target=target
+    )
+    torch.manual_seed(0)
+    with pytest.warns(FallbackWarning, match=reason):
+        actual = IncrementalOcclusion(forward).attribute(
+            inputs, _window(inputs), strides=strides, target=target
+        )
+    if name == "training":  # BatchNorm in training mode: batch statistics, same batches
+        expected = expected if not isinstance(expected, tuple) else expected
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,forward,inputs,reason", CASES, ids=[c[0] for c in CASES])
+def test_engine_incremental_raises_instead(name, forward, inputs, reason):
+    strides = tuple(2 for _ in inputs) if isinstance(inputs, tuple) else 2
+    with pytest.raises(IncrementalNotApplicable, match=reason):
+        IncrementalOcclusion(forward).attribute(
+            inputs, _window(inputs), strides=strides, target=None, engine="incremental"
+        )
+
+
+def test_warning_is_given_once_per_reason():
+    model = models.small_cnn(models.DataDependentCNN)
+    occlusion = IncrementalOcclusion(model)
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(FallbackWarning):
+        occlusion.attribute(x, (3, 4, 4), strides=4, target=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        occlusion.attribute(x, (3, 4, 4), strides=4, target=0)
+
+
+def test_engine_captum_runs_captums_path_with_perturbations_per_eval():
+    model = models.small_cnn()
+    x = torch.randn(2, 3, 10, 10)
+    expected = Occlusion(model).attribute(x, (3, 4, 4), strides=2, target=1, perturbations_per_eval=8)
+    actual = IncrementalOcclusion(model).attribute(
+        x, (3, 4, 4), strides=2, target=1, perturbations_per_eval=8, engine="captum"
+    )
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_unknown_engine_is_rejected():
+    with pytest.raises(ValueError, match="engine must be"):
+        IncrementalOcclusion(models.small_cnn()).attribute(
+            torch.randn(1, 3, 8, 8), (3, 4, 4), target=0, engine="fast"
+        )
+
+
+def test_unknown_ops_run_full_but_stay_exact():
+    """An op with no rule makes the rest of the graph `full`; results still match."""
+
+    class Upsampling(models.SmallCNN):
+        def forward(self, x):
+            x = torch.nn.functional.interpolate(self.conv1(x), scale_factor=0.5)
+            return self.fc(self.conv3(torch.relu(x)).mean((2, 3)))
+
+    model = models.small_cnn(Upsampling)
+    x = torch.randn(2, 3, 16, 16)
+    plan = IncrementalOcclusion(model).plan(x, (3, 4, 4), strides=2)
+    modes = {row["node"]: row for row in plan.table()}
+    assert modes["conv1"]["mode"] == "box"
+    assert modes["interpolate"]["mode"] == "full"
+    assert "no box rule" in modes["interpolate"]["reason"]
+    expected = Occlusion(model).attribute(x, (3, 4, 4), strides=2, target=2)
+    actual = IncrementalOcclusion(model).attribute(x, (3, 4, 4), strides=2, target=2)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
