@@ -169,6 +169,11 @@ _VIEW_METHODS = {
 }
 
 
+def _is_view(node: fx.Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return name in _VIEW_METHODS or node.target is operator.getitem
+
+
 def _check_inputs_not_mutated(module: nn.Module, nodes: list[fx.Node]) -> None:
     """A model writing into its own input changes what Captum occludes next; only
     Captum's path reproduces that, so such models run there."""
@@ -177,8 +182,7 @@ def _check_inputs_not_mutated(module: nn.Module, nodes: list[fx.Node]) -> None:
         first = node.args[0] if node.args else None
         if first not in aliases:
             continue
-        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-        if name in _VIEW_METHODS or node.target is operator.getitem:
+        if _is_view(node):
             aliases.add(node)
         elif mutates_first_argument(node, module):
             raise UnsupportedForIncremental(
@@ -196,9 +200,13 @@ def _redirect_inplace_aliases(module: nn.Module, nodes: list[fx.Node]) -> None:
         target = node.args[0] if node.args else None
         if not isinstance(target, fx.Node):
             continue
-        name = target.target if target.op == "call_method" else getattr(target.target, "__name__", "")
-        if name in _VIEW_METHODS or target.target is operator.getitem:
-            raise UnsupportedForIncremental(f"'{node.name}' writes in place into a view")
+        base = target
+        while _is_view(base) and isinstance(base.args[0], fx.Node):
+            base = base.args[0]
+            if any(position[u] > position[node] for u in base.users if not _is_view(u)):
+                raise UnsupportedForIncremental(
+                    f"'{node.name}' writes in place into a view of '{base.name}', read later"
+                )
         for user in list(target.users):
             if user is not node and position[user] > position[node]:
                 user.replace_input_with(target, node)
