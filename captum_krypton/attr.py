@@ -59,15 +59,17 @@ def _verify_windows(
     for i, inp in enumerate(inputs):
         remaining = np.subtract(inp.shape[1:], windows[i])
         assert (np.array(remaining) >= 0).all(), (
-            "Sliding window dimensions {} cannot exceed input dimensions{}."
-        ).format(windows[i], tuple(inp.shape[1:]))
-        assert np.logical_or(
-            np.array(remaining) == 0, np.array(strides[i]) <= windows[i]
-        ).all(), ("Stride dimension {} cannot be larger than sliding window shape dimension {}.").format(
-            strides[i], windows[i]
+            f"Sliding window dimensions {windows[i]} cannot exceed input dimensions"
+            f"{tuple(inp.shape[1:])}."
+        )
+        assert np.logical_or(np.array(remaining) == 0, np.array(strides[i]) <= windows[i]).all(), (
+            f"Stride dimension {strides[i]} cannot be larger than sliding window shape "
+            f"dimension {windows[i]}."
         )
         stride = strides[i]
-        per_dim.append(tuple(stride for _ in windows[i]) if isinstance(stride, int) else tuple(stride))
+        per_dim.append(
+            tuple(stride for _ in windows[i]) if isinstance(stride, int) else tuple(stride)
+        )
     return tuple(per_dim)
 
 
@@ -125,15 +127,26 @@ class IncrementalOcclusion(Occlusion):
         if windows_per_batch is not None and windows_per_batch < 1:
             raise ValueError("windows_per_batch must be at least 1")
         captum_args = (
-            inputs, sliding_window_shapes, strides, baselines, target,
-            additional_forward_args, perturbations_per_eval, show_progress,
+            inputs,
+            sliding_window_shapes,
+            strides,
+            baselines,
+            target,
+            additional_forward_args,
+            perturbations_per_eval,
+            show_progress,
         )
         if engine == "captum":
             return self._captum_attribute(*captum_args)
         try:
             prepared = self._prepare(
-                inputs, sliding_window_shapes, strides, baselines,
-                additional_forward_args, perturbations_per_eval, full_threshold,
+                inputs,
+                sliding_window_shapes,
+                strides,
+                baselines,
+                additional_forward_args,
+                perturbations_per_eval,
+                full_threshold,
             )
         except UnsupportedForIncremental as exc:
             if engine == "incremental":
@@ -169,8 +182,13 @@ class IncrementalOcclusion(Occlusion):
         the engine does not apply."""
         try:
             return self._prepare(
-                inputs, sliding_window_shapes, strides, baselines,
-                additional_forward_args, 1, full_threshold,
+                inputs,
+                sliding_window_shapes,
+                strides,
+                baselines,
+                additional_forward_args,
+                1,
+                full_threshold,
             ).plan
         except UnsupportedForIncremental as exc:
             raise IncrementalNotApplicable(str(exc)) from exc
@@ -225,6 +243,10 @@ class IncrementalOcclusion(Occlusion):
                 if isinstance(value, torch.Tensor):
                     captured.placeholder_values[node] = next(tensors)
         return PreparedOcclusion.prepare(
-            captured, formatted[0], formatted_baselines[0], windows[0], per_dim_strides[0],
+            captured,
+            formatted[0],
+            formatted_baselines[0],
+            windows[0],
+            per_dim_strides[0],
             full_threshold,
         )

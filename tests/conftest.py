@@ -50,10 +50,14 @@ def assert_close_to_captum(expected, actual, output_scale, tolerance=None):
 def check_model(model, inputs, additional_forward_args=None, tolerance=None, **kwargs):
     """Run both and compare; returns (expected, actual). `options=` go to ours only."""
     with torch.no_grad():
-        extra = () if additional_forward_args is None else (
-            additional_forward_args
-            if isinstance(additional_forward_args, tuple)
-            else (additional_forward_args,)
+        extra = (
+            ()
+            if additional_forward_args is None
+            else (
+                additional_forward_args
+                if isinstance(additional_forward_args, tuple)
+                else (additional_forward_args,)
+            )
         )
         x = inputs[0] if isinstance(inputs, tuple) else inputs
         output_scale = model(x, *extra).abs().max().item()

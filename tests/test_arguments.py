@@ -40,9 +40,7 @@ def test_default_stride_is_one(model):
     check_model(model, inputs, sliding_window_shapes=(3, 4, 4), target=0)
 
 
-@pytest.mark.parametrize(
-    "target", [3, torch.tensor(1), [0, 4, 2], torch.tensor([4, 1, 0])]
-)
+@pytest.mark.parametrize("target", [3, torch.tensor(1), [0, 4, 2], torch.tensor([4, 1, 0])])
 def test_targets(model, target):
     inputs = torch.randn(3, 3, 16, 16)
     check_model(model, inputs, sliding_window_shapes=(3, 5, 5), strides=3, target=target)
@@ -73,8 +71,12 @@ def test_additional_forward_args_tensor_and_flag():
     scale = torch.tensor([0.5, 2.0])
     for extra in [(scale,), (scale, True)]:
         check_model(
-            model, inputs, additional_forward_args=extra,
-            sliding_window_shapes=(3, 6, 6), strides=4, target=[0, 3],
+            model,
+            inputs,
+            additional_forward_args=extra,
+            sliding_window_shapes=(3, 6, 6),
+            strides=4,
+            target=[0, 3],
         )
 
 
@@ -113,7 +115,9 @@ def test_integer_inputs():
 
 def test_inputs_requiring_grad(model):
     inputs = torch.randn(2, 3, 16, 16, requires_grad=True)
-    expected, actual = check_model(model, inputs, sliding_window_shapes=(3, 5, 5), strides=3, target=0)
+    expected, actual = check_model(
+        model, inputs, sliding_window_shapes=(3, 5, 5), strides=3, target=0
+    )
     assert not actual.requires_grad
 
 
@@ -180,8 +184,12 @@ def test_progress_bar_counts_windows(model, monkeypatch):
 
     monkeypatch.setattr("captum_krypton.attr.progress", to_stream)
     IncrementalOcclusion(model).attribute(
-        torch.randn(1, 3, 16, 16), (3, 4, 4), strides=3, target=0,
-        show_progress=True, windows_per_batch=7,
+        torch.randn(1, 3, 16, 16),
+        (3, 4, 4),
+        strides=3,
+        target=0,
+        show_progress=True,
+        windows_per_batch=7,
     )
     text = stream.getvalue()
     assert "25/25" in text and "100%" in text  # 5 x 5 windows

@@ -24,8 +24,12 @@ def _cases():
         ("hooks", hooked, x, "forward hooks"),
         ("untraceable", models.small_cnn(models.DataDependentCNN), x, "could not trace"),
         ("aggregated", models.small_cnn(models.SummedCNN), x, "aggregated output"),
-        ("mutates input", nn.Sequential(nn.ReLU(inplace=True), models.small_cnn()).eval(), x,
-         "writes into the model's input"),
+        (
+            "mutates input",
+            nn.Sequential(nn.ReLU(inplace=True), models.small_cnn()).eval(),
+            x,
+            "writes into the model's input",
+        ),
         ("no spatial dims", torch.nn.Linear(6, 3).eval(), torch.randn(2, 6), "no spatial"),
     ]
 
@@ -44,9 +48,7 @@ def test_fallback_equals_captum_and_says_why(name, forward, inputs, reason):
     target = None if name == "aggregated" else 1
     strides = tuple(2 for _ in inputs) if isinstance(inputs, tuple) else 2
     torch.manual_seed(0)
-    expected = Occlusion(forward).attribute(
-        inputs, _window(inputs), strides=strides, target=target
-    )
+    expected = Occlusion(forward).attribute(inputs, _window(inputs), strides=strides, target=target)
     torch.manual_seed(0)
     with pytest.warns(FallbackWarning, match=reason):
         actual = IncrementalOcclusion(forward).attribute(
@@ -82,7 +84,9 @@ def test_warning_is_given_once_per_reason():
 def test_engine_captum_runs_captums_path_with_perturbations_per_eval():
     model = models.small_cnn()
     x = torch.randn(2, 3, 10, 10)
-    expected = Occlusion(model).attribute(x, (3, 4, 4), strides=2, target=1, perturbations_per_eval=8)
+    expected = Occlusion(model).attribute(
+        x, (3, 4, 4), strides=2, target=1, perturbations_per_eval=8
+    )
     actual = IncrementalOcclusion(model).attribute(
         x, (3, 4, 4), strides=2, target=1, perturbations_per_eval=8, engine="captum"
     )

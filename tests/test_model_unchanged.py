@@ -16,8 +16,10 @@ def _snapshot(model):
         {k: v.clone() for k, v in model.state_dict().items()},
         {name: m.training for name, m in model.named_modules()},
         {name: id(p) for name, p in model.named_parameters()},
-        {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
-         for name, m in model.named_modules()},
+        {
+            name: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+            for name, m in model.named_modules()
+        },
     )
 
 
@@ -27,8 +29,10 @@ def _assert_same(model, snapshot):
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
     assert {name: m.training for name, m in model.named_modules()} == flags
     assert {name: id(p) for name, p in model.named_parameters()} == ids
-    assert {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
-            for name, m in model.named_modules()} == hooks
+    assert {
+        name: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+        for name, m in model.named_modules()
+    } == hooks
 
 
 def test_model_unchanged_after_attribution():

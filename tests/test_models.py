@@ -50,10 +50,14 @@ class Conv1dNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv1d(2, 8, 5, padding=2), nn.BatchNorm1d(8), nn.GELU(),
-            nn.Conv1d(8, 8, 3, stride=2, dilation=2, padding=2), nn.ReLU(),
+            nn.Conv1d(2, 8, 5, padding=2),
+            nn.BatchNorm1d(8),
+            nn.GELU(),
+            nn.Conv1d(8, 8, 3, stride=2, dilation=2, padding=2),
+            nn.ReLU(),
             nn.MaxPool1d(3, stride=2, padding=1),
-            nn.Conv1d(8, 16, 3, groups=8, padding="same"), nn.SiLU(),
+            nn.Conv1d(8, 16, 3, groups=8, padding="same"),
+            nn.SiLU(),
             nn.AvgPool1d(2),
         )
         self.head = nn.Linear(16, 3)

@@ -39,7 +39,11 @@ class RandomDag(nn.Module):
 
 @st.composite
 def dags(draw):
-    channels, height, width = draw(st.integers(1, 3)), draw(st.integers(6, 16)), draw(st.integers(6, 16))
+    channels, height, width = (
+        draw(st.integers(1, 3)),
+        draw(st.integers(6, 16)),
+        draw(st.integers(6, 16)),
+    )
     shapes = [(channels, height, width)]
     program, layers = [], []
     for _ in range(draw(st.integers(1, 7))):
@@ -92,12 +96,14 @@ def dags(draw):
     model = RandomDag(program, layers).eval()
     with torch.no_grad():
         model(torch.zeros(1, channels, height, width))  # materialize the lazy head
-    window = (draw(st.integers(1, channels)), draw(st.integers(1, height)), draw(st.integers(1, width)))
+    window = (
+        draw(st.integers(1, channels)),
+        draw(st.integers(1, height)),
+        draw(st.integers(1, width)),
+    )
     strides = tuple(draw(st.integers(1, k)) for k in window)
     batch = draw(st.integers(1, 2))
-    baseline = draw(
-        st.sampled_from(["zero", "scalar", "tensor", "per_example"])
-    )
+    baseline = draw(st.sampled_from(["zero", "scalar", "tensor", "per_example"]))
     return model.double().eval(), (batch, channels, height, width), window, strides, baseline
 
 
@@ -115,7 +121,11 @@ def test_random_dags_match_captum(case, seed):
     }[baseline_kind]
     target = [int(t) for t in torch.randint(0, 3, (shape[0],), generator=generator)]
     check_model(
-        model, inputs, sliding_window_shapes=window, strides=strides,
-        baselines=baseline, target=target,
+        model,
+        inputs,
+        sliding_window_shapes=window,
+        strides=strides,
+        baselines=baseline,
+        target=target,
         options={"full_threshold": float(seed % 3) / 2 + 0.3},
     )

@@ -107,10 +107,14 @@ def test_conv_rule(name):
 
 
 def test_conv1d_and_conv3d_rules():
-    check_every_box(Single(nn.Conv1d(2, 3, 5, stride=2, padding=2)), torch.randn(2, 2, 23), (2, 4), (1, 3))
+    check_every_box(
+        Single(nn.Conv1d(2, 3, 5, stride=2, padding=2)), torch.randn(2, 2, 23), (2, 4), (1, 3)
+    )
     check_every_box(
         Single(nn.Conv3d(2, 3, 3, stride=(1, 2, 1), padding=1)),
-        torch.randn(1, 2, 7, 9, 8), (2, 3, 3, 2), (2, 2, 3, 3),
+        torch.randn(1, 2, 7, 9, 8),
+        (2, 3, 3, 2),
+        (2, 2, 3, 3),
     )
 
 
@@ -143,7 +147,9 @@ POOL_CASES = {
 
 @pytest.mark.parametrize("name", list(POOL_CASES))
 def test_pool_rule(name):
-    plan, checked = check_every_box(Single(POOL_CASES[name]), torch.randn(2, 3, 13, 12), (3, 3, 4), 2)
+    plan, checked = check_every_box(
+        Single(POOL_CASES[name]), torch.randn(2, 3, 13, 12), (3, 3, 4), 2
+    )
     assert checked == 2
 
 
@@ -166,9 +172,24 @@ def test_avg_pool_ceil_mode_that_changes_size_runs_full():
 
 
 POINTWISE = [
-    nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6(), nn.LeakyReLU(0.1), nn.PReLU(3), nn.ELU(),
-    nn.SELU(), nn.GELU(), nn.SiLU(), nn.Mish(), nn.Sigmoid(), nn.Tanh(), nn.Hardswish(),
-    nn.Hardsigmoid(), nn.Softplus(), nn.Identity(), nn.Dropout(0.3), nn.Dropout2d(0.5),
+    nn.ReLU(),
+    nn.ReLU(inplace=True),
+    nn.ReLU6(),
+    nn.LeakyReLU(0.1),
+    nn.PReLU(3),
+    nn.ELU(),
+    nn.SELU(),
+    nn.GELU(),
+    nn.SiLU(),
+    nn.Mish(),
+    nn.Sigmoid(),
+    nn.Tanh(),
+    nn.Hardswish(),
+    nn.Hardsigmoid(),
+    nn.Softplus(),
+    nn.Identity(),
+    nn.Dropout(0.3),
+    nn.Dropout2d(0.5),
 ]
 
 

@@ -31,7 +31,9 @@ def test_overlay_box(inside):
     box = torch.randn(rows, *box_size, 2)
     tile_starts = torch.randint(-3, 5, (rows, 2))
     if inside:
-        offset = torch.stack([torch.randint(0, t - b + 1, (rows,)) for t, b in zip(tile_size, box_size)], 1)
+        offset = torch.stack(
+            [torch.randint(0, t - b + 1, (rows,)) for t, b in zip(tile_size, box_size)], 1
+        )
     else:
         offset = torch.randint(-4, 7, (rows, 2))
     box_starts = tile_starts + offset

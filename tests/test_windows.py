@@ -12,7 +12,11 @@ from captum_krypton.engine.windows import WindowGrid
 
 @pytest.mark.parametrize(
     "shape,window,strides",
-    [((3, 10, 9), (3, 4, 3), (1, 3, 2)), ((2, 7, 7), (1, 7, 2), (1, 1, 2)), ((1, 11), (1, 4), (1, 3))],
+    [
+        ((3, 10, 9), (3, 4, 3), (1, 3, 2)),
+        ((2, 7, 7), (1, 7, 2), (1, 1, 2)),
+        ((1, 11), (1, 4), (1, 3)),
+    ],
 )
 def test_accumulation_matches_captums_masks(shape, window, strides):
     grid = WindowGrid(shape, window, strides)

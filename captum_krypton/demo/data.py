@@ -63,7 +63,9 @@ def make_image(
     return image, (cy, cx)
 
 
-def make_dataset(count: int, seed: int, size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def make_dataset(
+    count: int, seed: int, size: int = IMAGE_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` images with balanced labels, reproducible from `seed`."""
     rng = np.random.default_rng(seed)
     labels = np.arange(count) % len(CLASSES)

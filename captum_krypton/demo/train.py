@@ -1,6 +1,6 @@
 """Train the demo model on generated shapes and save the weights into the package.
 
-    python -m captum_krypton.demo.train [--out PATH] [--epochs N]
+python -m captum_krypton.demo.train [--out PATH] [--epochs N]
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def main() -> None:
     start = time.perf_counter()
     model, accuracy = train(args.epochs, args.train_count)
     torch.save(model.state_dict(), args.out)
-    print(f"saved {args.out} (held-out accuracy {accuracy:.3f}, {time.perf_counter() - start:.0f} s)")
+    print(
+        f"saved {args.out} (held-out accuracy {accuracy:.3f}, {time.perf_counter() - start:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -123,7 +123,8 @@ class PreparedOcclusion:
         flat_initial = initial.reshape(1, -1)
         num_outputs = flat_initial.shape[1]
         diffs = torch.empty(
-            (self.grid.num_windows, num_outputs), dtype=flat_initial.dtype,
+            (self.grid.num_windows, num_outputs),
+            dtype=flat_initial.dtype,
             device=flat_initial.device,
         )
         for first in range(0, self.grid.num_windows, windows_per_batch):

@@ -164,8 +164,22 @@ def capture(module: nn.Module, additional_args: Sequence[Any]) -> CapturedGraph:
 
 
 _VIEW_METHODS = {
-    "view", "reshape", "permute", "transpose", "narrow", "select", "flatten", "squeeze",
-    "unsqueeze", "expand", "expand_as", "view_as", "t", "unflatten", "movedim", "detach",
+    "view",
+    "reshape",
+    "permute",
+    "transpose",
+    "narrow",
+    "select",
+    "flatten",
+    "squeeze",
+    "unsqueeze",
+    "expand",
+    "expand_as",
+    "view_as",
+    "t",
+    "unflatten",
+    "movedim",
+    "detach",
 }
 
 
@@ -185,9 +199,7 @@ def _check_inputs_not_mutated(module: nn.Module, nodes: list[fx.Node]) -> None:
         if _is_view(node):
             aliases.add(node)
         elif mutates_first_argument(node, module):
-            raise UnsupportedForIncremental(
-                f"'{node.name}' writes into the model's input in place"
-            )
+            raise UnsupportedForIncremental(f"'{node.name}' writes into the model's input in place")
 
 
 def _redirect_inplace_aliases(module: nn.Module, nodes: list[fx.Node]) -> None:
@@ -270,7 +282,9 @@ def evaluate(captured: CapturedGraph, input_value: torch.Tensor) -> dict[fx.Node
     env: dict[fx.Node, Any] = {}
     for node in captured.nodes:
         if node.op == "placeholder":
-            env[node] = input_value if node is captured.input_node else captured.placeholder_values[node]
+            env[node] = (
+                input_value if node is captured.input_node else captured.placeholder_values[node]
+            )
             continue
         if node.op == "output":
             env[node] = fx.node.map_arg(node.args[0], lambda n: env[n])

@@ -210,12 +210,15 @@ def build_plan(
                 if geometry is None:
                     reason = f"{rule.name} cannot keep a box here"
                 elif geometry.volume >= full_threshold * geometry.map_volume:
-                    reason = (
-                        f"box covers {geometry.volume / geometry.map_volume:.0%} of the map"
-                    )
+                    reason = f"box covers {geometry.volume / geometry.map_volume:.0%} of the map"
                     geometry = None
             mode = "box" if geometry is not None else "full"
-        if mode == "box" and rule is not FULL_RULE and spec is None and node is not captured.input_node:
+        if (
+            mode == "box"
+            and rule is not FULL_RULE
+            and spec is None
+            and node is not captured.input_node
+        ):
             mode, geometry = "full", None
         if mode == "none":
             flops_incremental = 0.0

@@ -135,7 +135,10 @@ class ConvRule(SlidingWindowRule):
                 return None
             weight, bias = conv.weight, conv.bias
             stride, padding, dilation, groups = (
-                conv.stride, conv.padding, conv.dilation, conv.groups
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.groups,
             )
         else:
             b = _bind(
@@ -143,11 +146,18 @@ class ConvRule(SlidingWindowRule):
                 ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
                 {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1},
             )
-            weight_node = info.node.args[1] if len(info.node.args) > 1 else info.node.kwargs.get("weight")
+            weight_node = (
+                info.node.args[1] if len(info.node.args) > 1 else info.node.kwargs.get("weight")
+            )
             if not isinstance(b["weight"], torch.Tensor) or weight_node is None:
                 return None
             weight, bias = b["weight"], b["bias"]
-            stride, padding, dilation, groups = b["stride"], b["padding"], b["dilation"], b["groups"]
+            stride, padding, dilation, groups = (
+                b["stride"],
+                b["padding"],
+                b["dilation"],
+                b["groups"],
+            )
         kernel = tuple(weight.shape[2:])
         dilation = _tuple(dilation, ndim)
         if isinstance(padding, str):
@@ -221,18 +231,42 @@ class PoolRule(SlidingWindowRule):
         elif self.kind == "max":
             params = _bind(
                 info,
-                ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
-                 "return_indices"),
-                {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False,
-                 "return_indices": False},
+                (
+                    "input",
+                    "kernel_size",
+                    "stride",
+                    "padding",
+                    "dilation",
+                    "ceil_mode",
+                    "return_indices",
+                ),
+                {
+                    "stride": None,
+                    "padding": 0,
+                    "dilation": 1,
+                    "ceil_mode": False,
+                    "return_indices": False,
+                },
             )
         else:
             params = _bind(
                 info,
-                ("input", "kernel_size", "stride", "padding", "ceil_mode",
-                 "count_include_pad", "divisor_override"),
-                {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
-                 "divisor_override": None},
+                (
+                    "input",
+                    "kernel_size",
+                    "stride",
+                    "padding",
+                    "ceil_mode",
+                    "count_include_pad",
+                    "divisor_override",
+                ),
+                {
+                    "stride": None,
+                    "padding": 0,
+                    "ceil_mode": False,
+                    "count_include_pad": True,
+                    "divisor_override": None,
+                },
             )
         if params.get("return_indices"):
             return None
@@ -279,8 +313,11 @@ register(
     PoolRule("avg"),
     modules=(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d),
     functions=(
-        F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-        torch._C._nn.avg_pool2d, torch._C._nn.avg_pool3d,
+        F.avg_pool1d,
+        F.avg_pool2d,
+        F.avg_pool3d,
+        torch._C._nn.avg_pool2d,
+        torch._C._nn.avg_pool3d,
     ),
 )
 
@@ -298,8 +335,10 @@ class PointwiseRule(OpRule):
         for other in info.node.all_input_nodes:
             # Extra tensors must broadcast per channel at most and be the same
             # for every row (no batch dim), e.g. BatchNorm's running stats.
-            if other is not first and other.meta.get("is_tensor") and (
-                other.meta["ndim"] > 1 or other.meta["batch_aligned"]
+            if (
+                other is not first
+                and other.meta.get("is_tensor")
+                and (other.meta["ndim"] > 1 or other.meta["batch_aligned"])
             ):
                 return None
         return True
@@ -330,8 +369,7 @@ class TrainingSensitiveRule(PointwiseRule):
         if module is not None:
             if module.training:
                 raise UnsupportedForIncremental(
-                    f"model is in training mode ({type(module).__name__} "
-                    f"'{info.node.target}')"
+                    f"model is in training mode ({type(module).__name__} '{info.node.target}')"
                 )
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
                 module.running_mean is None
@@ -347,9 +385,7 @@ class TrainingSensitiveRule(PointwiseRule):
             if position is not None and len(info.args) > position:
                 training = info.args[position]
         if training:
-            raise UnsupportedForIncremental(
-                f"'{info.node.name}' runs in training mode"
-            )
+            raise UnsupportedForIncremental(f"'{info.node.name}' runs in training mode")
 
 
 class IdentityRule(TrainingSensitiveRule):
@@ -362,22 +398,89 @@ class IdentityRule(TrainingSensitiveRule):
 
 
 _POINTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-    nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
-    nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Threshold, nn.LogSigmoid,
-    nn.Hardshrink, nn.Softshrink,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Threshold,
+    nn.LogSigmoid,
+    nn.Hardshrink,
+    nn.Softshrink,
 )
 _POINTWISE_FUNCTIONS = (
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu,
-    F.celu, F.gelu, F.silu, F.mish, F.sigmoid, torch.sigmoid, F.tanh, torch.tanh,
-    F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, F.softsign, F.logsigmoid,
-    F.prelu, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.square, torch.clamp,
-    torch.clip, operator.neg, operator.pos, torch.nan_to_num,
+    F.relu,
+    F.relu_,
+    torch.relu,
+    torch.relu_,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.sigmoid,
+    torch.sigmoid,
+    F.tanh,
+    torch.tanh,
+    F.hardtanh,
+    F.hardswish,
+    F.hardsigmoid,
+    F.softplus,
+    F.softsign,
+    F.logsigmoid,
+    F.prelu,
+    torch.exp,
+    torch.abs,
+    torch.neg,
+    torch.sqrt,
+    torch.square,
+    torch.clamp,
+    torch.clip,
+    operator.neg,
+    operator.pos,
+    torch.nan_to_num,
 )
 _POINTWISE_METHODS = (
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg",
-    "sqrt", "square", "clamp", "clamp_", "clip", "clip_", "contiguous", "float",
-    "double", "half", "bfloat16", "to", "type_as", "clone", "detach",
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "exp",
+    "abs",
+    "neg",
+    "sqrt",
+    "square",
+    "clamp",
+    "clamp_",
+    "clip",
+    "clip_",
+    "contiguous",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "to",
+    "type_as",
+    "clone",
+    "detach",
 )
 register(
     PointwiseRule(),
@@ -391,11 +494,20 @@ register(
     functions=(F.batch_norm,),
 )
 _identity_modules: tuple[type, ...] = (
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
 )
 _identity_functions: tuple[Any, ...] = (
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
 )
 try:  # torchvision's stochastic depth is an fx leaf function
     from torchvision.ops import StochasticDepth, stochastic_depth
@@ -455,14 +567,35 @@ class ElementwiseRule(MergeRule):
 register(
     ElementwiseRule(),
     functions=(
-        operator.add, operator.sub, operator.mul, operator.truediv,
-        operator.iadd, operator.isub, operator.imul, operator.itruediv,
-        torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div,
-        torch.maximum, torch.minimum, torch.where,
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        torch.add,
+        torch.sub,
+        torch.subtract,
+        torch.mul,
+        torch.multiply,
+        torch.div,
+        torch.maximum,
+        torch.minimum,
+        torch.where,
     ),
     methods=(
-        "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_",
-        "maximum", "minimum",
+        "add",
+        "add_",
+        "sub",
+        "sub_",
+        "mul",
+        "mul_",
+        "div",
+        "div_",
+        "maximum",
+        "minimum",
     ),
 )
 

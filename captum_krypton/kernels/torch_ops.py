@@ -46,8 +46,13 @@ def overlay_box(
     if not all(box_size):
         return tile
     inside = bool(
-        ((relative >= 0) & (relative + torch.tensor(box_size, device=relative.device)
-                            <= torch.tensor(tile_size, device=relative.device))).all()
+        (
+            (relative >= 0)
+            & (
+                relative + torch.tensor(box_size, device=relative.device)
+                <= torch.tensor(tile_size, device=relative.device)
+            )
+        ).all()
     )
     row_index = torch.arange(rows, device=tile.device).view([rows] + [1] * ndim)
     if inside:
