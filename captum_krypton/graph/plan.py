@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,10 +243,7 @@ def build_plan(
     for step, node in enumerate(order):
         for arg in node.all_input_nodes:
             last_use[arg] = step
-    for node in order:
-        last_use.setdefault(node, order.index(node))
+    for step, node in enumerate(order):
+        last_use.setdefault(node, step)
     return RegionPlan(captured, nodes, order, num_examples, last_use)
 
-
-def flops_ratio_limit(plan: RegionPlan) -> float:
-    return plan.theoretical_speedup if math.isfinite(plan.theoretical_speedup) else 1.0

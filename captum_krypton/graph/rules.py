@@ -170,9 +170,6 @@ class ConvRule(SlidingWindowRule):
         window = WindowSpec(kernel, _tuple(stride, ndim), pad_lo, dilation)
         return ConvSpec(window, weight, bias, int(groups))
 
-    def check(self, info):
-        pass
-
     def run_box(self, run, info, spec):
         tile = self.read_tile(run, info, spec)
         conv = self._functional[tile.dim() - 2]
@@ -181,12 +178,11 @@ class ConvRule(SlidingWindowRule):
         )
 
     def flops(self, info):
-        spec = self.spec(info) if info.module is not None or info.args else None
-        out = info.value
-        if spec is None or not isinstance(out, torch.Tensor):
+        spec = self.spec(info)
+        if spec is None:
             return super().flops(info)
         per_output = 2 * spec.weight.shape[1] * math.prod(spec.window.kernel)
-        return float(out[0].numel() * per_output)
+        return float(info.value[0].numel() * per_output)
 
 
 register(
