@@ -62,7 +62,7 @@ def naive_occlusion(model, image, window, stride, target, batch=256):
         occluded = occluded.contiguous(memory_format=torch.channels_last)
         diffs[first : first + len(windows), 0] = initial - model(occluded)[:, target]
     total, count = grid.accumulate(diffs)
-    return (total / count).float()
+    return (total / count).float().to(image.device)
 
 
 def cuda_time(fn, repeats=3):
@@ -103,14 +103,21 @@ def run_model(name: str, stride: int, captum_batches, repeats: int) -> dict:
     )
     naive_mb = peak_memory(lambda: naive_occlusion(load(name), image, window, stride, 0))
     captum = {}
+    expected = None
     for batch in captum_batches:
-        seconds, expected = cuda_time(
-            lambda batch=batch: Occlusion(model).attribute(
-                image, perturbations_per_eval=batch, **kwargs
-            ),
-            1,
-        )
+        try:
+            seconds, result = cuda_time(
+                lambda batch=batch: Occlusion(model).attribute(
+                    image, perturbations_per_eval=batch, **kwargs
+                ),
+                1,
+            )
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            captum[batch] = float("inf")  # out of memory
+            continue
         captum[batch] = seconds
+        expected = result
     best = min(captum, key=captum.get)
     scale = expected.abs().max().item()
     return {

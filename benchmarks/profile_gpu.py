@@ -1,6 +1,6 @@
 """Where IncrementalOcclusion's GPU time goes: torch.profiler over one run.
 
-    python benchmarks/profile_gpu.py [--model vgg16] [--stride 4]
+python benchmarks/profile_gpu.py [--model vgg16] [--stride 4]
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from captum_krypton.graph.capture import (
     trace_cache_key,
 )
 from captum_krypton.graph.plan import DEFAULT_FULL_THRESHOLD, RegionPlan
+from captum_krypton.kernels import use_triton
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class IncrementalOcclusion(Occlusion):
         max_memory: int | None = None,
         windows_per_batch: int | None = None,
         full_threshold: float = DEFAULT_FULL_THRESHOLD,
+        kernels: Literal["auto", "torch", "triton"] = "auto",
     ) -> TensorOrTupleOfTensorsGeneric:
         """Occlusion attributions, as `captum.attr.Occlusion.attribute` computes them.
 
@@ -121,6 +123,8 @@ class IncrementalOcclusion(Occlusion):
             windows_per_batch: fixed number of windows per batch.
             full_threshold: a box covering this share of its feature map or more
                 is computed as the whole map (hybrid evaluation).
+            kernels: "auto" (Triton kernels on CUDA when triton is installed,
+                torch ops otherwise), "torch" or "triton".
         """
         if engine not in ("auto", "incremental", "captum"):
             raise ValueError(f"engine must be 'auto', 'incremental' or 'captum', not {engine!r}")
@@ -154,6 +158,7 @@ class IncrementalOcclusion(Occlusion):
             self._warn_fallback(str(exc))
             return self._captum_attribute(*captum_args)
 
+        prepared.use_triton = use_triton(kernels, prepared.inputs.device)
         batch = windows_per_batch or prepared.windows_per_batch(max_memory)
         bar = (
             progress(desc=f"{self.get_name()} attribution", total=prepared.grid.num_windows)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through Triton's interpreter (set before import).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from captum.attr import Occlusion
 
 from captum_krypton import FallbackWarning, IncrementalOcclusion

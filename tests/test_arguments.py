@@ -208,3 +208,26 @@ def test_noise_tunnel_accepts_incremental_occlusion(model):
         inputs, nt_samples=3, stdevs=0.1, sliding_window_shapes=(3, 4, 4), strides=4, target=0
     )
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_finished_windows(model, monkeypatch):
+    """A CUDA out-of-memory error in a batch retries it at half size; still exact."""
+    from captum_krypton.engine import occlusion as occlusion_module
+
+    original = occlusion_module.PreparedOcclusion.run_windows
+    sizes = []
+
+    def run_windows(self, windows):
+        sizes.append(len(windows))
+        if len(windows) > 3:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return original(self, windows)
+
+    monkeypatch.setattr(occlusion_module.PreparedOcclusion, "run_windows", run_windows)
+    inputs = torch.randn(2, 3, 16, 16)
+    expected = Occlusion(model).attribute(inputs, (3, 5, 5), strides=3, target=1)
+    actual = IncrementalOcclusion(model).attribute(
+        inputs, (3, 5, 5), strides=3, target=1, windows_per_batch=12
+    )
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    assert sizes[:3] == [12, 6, 3] and max(sizes[3:]) <= 3

@@ -16,7 +16,7 @@ from torch import fx
 
 from captum_krypton.graph.capture import mutates_first_argument, run_node
 from captum_krypton.graph.plan import RegionPlan
-from captum_krypton.kernels import torch_ops
+from captum_krypton.kernels import torch_ops, triton_module
 
 
 class Views:
@@ -56,6 +56,7 @@ class BatchRun:
         windows: np.ndarray,
         input_tiles: Callable[[np.ndarray], torch.Tensor],
         extra_inputs: dict[fx.Node, Any],
+        use_triton: bool = False,
     ):
         self.plan = plan
         self.views = views
@@ -69,6 +70,7 @@ class BatchRun:
         self._full: dict[fx.Node, Any] = {}
         self._input_tiles = input_tiles
         self._extra_inputs = extra_inputs
+        self.use_triton = use_triton
 
     # ------------------------------------------------------------ geometry
     def starts(self, node: fx.Node) -> torch.Tensor:
@@ -101,12 +103,23 @@ class BatchRun:
         """Node's values over a region per row: its box where it has one, else its view,
         else `pad_value` outside the map. Returns (rows, C, *size), channels-last."""
         ndim = len(size)
-        pad_lo = pad_lo or (0,) * ndim
-        pad_hi = pad_hi or (0,) * ndim
-        source = self.views.channels_last(node, tuple(pad_lo), tuple(pad_hi), pad_value)
+        pad_lo = tuple(pad_lo or (0,) * ndim)
+        pad_hi = tuple(pad_hi or (0,) * ndim)
+        boxed = self.plan.nodes[node].mode == "box"
+        if self.use_triton:  # one pass: box, view and padding together
+            return triton_module().compose_region(
+                self.views.channels_last(node).movedim(-1, 1),
+                self.example,
+                starts,
+                size,
+                pad_value,
+                self.values[node] if boxed else None,
+                self.starts(node) if boxed else None,
+            )
+        source = self.views.channels_last(node, pad_lo, pad_hi, pad_value)
         shift = torch.as_tensor(pad_lo, device=self.device)
         tile = torch_ops.gather_tiles(source, self.example, starts + shift, size)
-        if self.plan.nodes[node].mode == "box":
+        if boxed:
             box = self.values[node].movedim(1, -1)
             tile = torch_ops.overlay_box(tile, starts, box, self.starts(node))
         return tile.movedim(-1, 1)
@@ -161,9 +174,26 @@ class BatchRun:
         plan = self.plan.nodes[node]
         if plan.mode == "box":
             # In the clean value's own memory format: models may `.view` it.
-            value = self.clean_value(node)[self.example]
-            box = self.values[node].movedim(1, -1)
-            torch_ops.scatter_boxes(value.movedim(1, -1), box, self.starts(node))
+            clean = self.clean_value(node)
+            if self.use_triton:
+                value = torch.empty(
+                    (self.rows, *clean.shape[1:]), dtype=clean.dtype, device=clean.device
+                )
+                starts = torch.zeros_like(self.starts(node))
+                triton_module().compose_region(
+                    clean,
+                    self.example,
+                    starts,
+                    tuple(clean.shape[2:]),
+                    0.0,
+                    self.values[node],
+                    self.starts(node),
+                    out=value,
+                )
+            else:
+                value = clean[self.example]
+                box = self.values[node].movedim(1, -1)
+                torch_ops.scatter_boxes(value.movedim(1, -1), box, self.starts(node))
         elif plan.mode == "full":
             value = self.values[node]
         elif node.meta["batch_aligned"]:

@@ -64,6 +64,7 @@ class PreparedOcclusion:
     views: Views
     plan: RegionPlan
     output: torch.Tensor
+    use_triton: bool = False
 
     @classmethod
     def prepare(
@@ -109,7 +110,9 @@ class PreparedOcclusion:
         """Model output for each (window, example) row of the given windows."""
         extra = {n: v for n, v in self.captured.placeholder_values.items()}
         with torch.no_grad():
-            batch = BatchRun(self.plan, self.views, windows, self.input_tiles, extra)
+            batch = BatchRun(
+                self.plan, self.views, windows, self.input_tiles, extra, self.use_triton
+            )
             return batch.run()
 
     def attribute(
@@ -127,11 +130,21 @@ class PreparedOcclusion:
             dtype=flat_initial.dtype,
             device=flat_initial.device,
         )
-        for first in range(0, self.grid.num_windows, windows_per_batch):
+        first = 0
+        while first < self.grid.num_windows:
             windows = np.arange(first, min(first + windows_per_batch, self.grid.num_windows))
-            output = self.run_windows(windows)
+            try:
+                output = self.run_windows(windows)
+            except torch.cuda.OutOfMemoryError:
+                if windows_per_batch == 1:
+                    raise
+                # Finished windows are kept; this batch is retried at half the size.
+                windows_per_batch = max(1, windows_per_batch // 2)
+                torch.cuda.empty_cache()
+                continue
             modified = _select_targets(output, _expand_target(target, len(windows)))
             diffs[first : first + len(windows)] = flat_initial - modified.reshape(-1, num_outputs)
+            first += len(windows)
             if on_batch is not None:
                 on_batch(len(windows))
         total, count = self.grid.accumulate(diffs)

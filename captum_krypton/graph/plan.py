@@ -246,4 +246,3 @@ def build_plan(
     for step, node in enumerate(order):
         last_use.setdefault(node, step)
     return RegionPlan(captured, nodes, order, num_examples, last_use)
-

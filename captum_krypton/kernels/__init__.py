@@ -1,0 +1,36 @@
+"""Kernels of the engine: torch ops everywhere, Triton kernels on CUDA."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(choice: str, device: torch.device) -> bool:
+    """Whether the Triton kernels serve this run: "auto" means on CUDA, when present."""
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', not {choice!r}")
+    if choice == "torch":
+        return False
+    if choice == "triton":
+        if not triton_importable():
+            raise RuntimeError("kernels='triton' needs the triton package")
+        return True
+    return device.type == "cuda" and triton_importable()
+
+
+def triton_module():
+    """The Triton kernels, imported on first use (so TRITON_INTERPRET set by then applies)."""
+    from captum_krypton.kernels import triton_ops
+
+    return triton_ops

@@ -79,3 +79,39 @@ def scatter_boxes(full: torch.Tensor, box: torch.Tensor, box_starts: torch.Tenso
     index = [row_index] + [_axis_index(box_starts, size, d) for d in range(ndim)]
     full[tuple(index)] = box
     return full
+
+
+def compose_region(
+    view: torch.Tensor,
+    example: torch.Tensor,
+    starts: torch.Tensor,
+    size: Sequence[int],
+    pad_value: float = 0.0,
+    box: torch.Tensor | None = None,
+    box_starts: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch reference of the Triton `compose_region` (same arguments, same math).
+
+    Each row's region of (N, C, *map) `view` at `starts`: the row's box where the
+    region meets it, the view of example[row] elsewhere in the map, `pad_value`
+    outside the map. Returns (rows, C, *size).
+    """
+    source = view.movedim(1, -1)
+    rows, ndim = starts.shape
+    index = [example.view([rows] + [1] * ndim)]
+    in_map = torch.ones((), dtype=torch.bool, device=view.device)
+    for d in range(ndim):
+        position = _axis_index(starts, size, d)
+        limit = source.shape[d + 1]
+        in_map = in_map & (position >= 0) & (position < limit)
+        index.append(position.clamp(0, limit - 1))
+    tile = source[tuple(index)]
+    pad = torch.full((), pad_value, dtype=tile.dtype, device=tile.device)
+    tile = torch.where(in_map.unsqueeze(-1), tile, pad)
+    if box is not None:
+        tile = overlay_box(tile, starts, box.movedim(1, -1), box_starts)
+    result = tile.movedim(-1, 1)
+    if out is None:
+        return result
+    return out.copy_(result)
