@@ -78,3 +78,13 @@ def check_model(model, inputs, additional_forward_args=None, tolerance=None, **k
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def exact_cuda_math():
+    """fp32 convolutions and matmuls without TF32, for tight comparisons on CUDA."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -14,15 +14,6 @@ pytestmark = [
 torchvision = pytest.importorskip("torchvision")
 
 
-@pytest.fixture
-def exact_cuda_math():
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 @pytest.mark.parametrize("name", ["resnet18", "vgg11_bn", "mobilenet_v2", "densenet121"])
 def test_cuda_model_matches_captum(name, exact_cuda_math):
     model = getattr(torchvision.models, name)(weights=None).eval().cuda()

@@ -81,7 +81,7 @@ def test_compose_region_projects_into_nchw():
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-def test_engine_with_triton_kernels_matches_captum():
+def test_engine_with_triton_kernels_matches_captum(exact_cuda_math):
     model = models.small_cnn().to(DEVICE)
     inputs = torch.randn(2, 3, 12, 12, device=DEVICE)
     check_model(

@@ -20,11 +20,25 @@ from captum_krypton.kernels import torch_ops, triton_module
 
 
 class Views:
-    """The clean run's values (materialized views), with channels-last padded copies."""
+    """The clean run's values (materialized views), with channels-last padded copies,
+    and device copies of per-window offsets, made once per attribution so that
+    window batches never wait on host-to-device copies."""
 
     def __init__(self, env: dict[fx.Node, Any]):
         self.env = env
         self._channels_last: dict[tuple, torch.Tensor] = {}
+        self._device_arrays: dict[tuple, torch.Tensor] = {}
+
+    def device_array(self, key: Any, array: np.ndarray, device: torch.device) -> torch.Tensor:
+        """`array` on `device`, copied once under `key`."""
+        cached = self._device_arrays.get((key, device))
+        if cached is None:
+            cached = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+            self._device_arrays[(key, device)] = cached
+        return cached
+
+    def constant(self, values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        return self.device_array(("constant", values), np.asarray(values, dtype=np.int64), device)
 
     def channels_last(
         self,
@@ -54,7 +68,7 @@ class BatchRun:
         plan: RegionPlan,
         views: Views,
         windows: np.ndarray,
-        input_tiles: Callable[[np.ndarray], torch.Tensor],
+        input_tiles: Callable[[BatchRun], torch.Tensor],
         extra_inputs: dict[fx.Node, Any],
         use_triton: bool = False,
     ):
@@ -78,11 +92,15 @@ class BatchRun:
         starts = self._starts.get(node)
         if starts is None:
             geometry = self.plan.nodes[node].geometry
-            per_window = geometry.starts[self.windows]
-            starts = torch.from_numpy(np.repeat(per_window, self.num_examples, axis=0))
-            starts = starts.to(self.device)
+            every_window = self.views.device_array(node, geometry.starts, self.device)
+            starts = self.windows_of(every_window).repeat_interleave(self.num_examples, 0)
             self._starts[node] = starts
         return starts
+
+    def windows_of(self, per_window: torch.Tensor) -> torch.Tensor:
+        """Rows of a per-window device tensor for this batch (a contiguous range)."""
+        first = int(self.windows[0])
+        return per_window[first : first + len(self.windows)]
 
     def size(self, node: fx.Node) -> tuple[int, ...]:
         return self.plan.nodes[node].geometry.size
@@ -117,7 +135,7 @@ class BatchRun:
                 self.starts(node) if boxed else None,
             )
         source = self.views.channels_last(node, pad_lo, pad_hi, pad_value)
-        shift = torch.as_tensor(pad_lo, device=self.device)
+        shift = self.views.constant(pad_lo, self.device)
         tile = torch_ops.gather_tiles(source, self.example, starts + shift, size)
         if boxed:
             box = self.values[node].movedim(1, -1)
@@ -230,7 +248,7 @@ class BatchRun:
         for step, node in enumerate(plan.order):
             node_plan = plan.nodes[node]
             if node is plan.captured.input_node:
-                value = self._input_tiles(self.windows)
+                value = self._input_tiles(self)
             elif node.op == "output":
                 return fx.node.map_arg(node.args[0], self.full_value)
             elif node_plan.mode == "box":

@@ -102,9 +102,17 @@ class PreparedOcclusion:
         per_window = self.plan.peak_row_bytes() * self.inputs.shape[0]
         return int(max(1, min(self.grid.num_windows, budget // per_window)))
 
-    def input_tiles(self, windows: np.ndarray) -> torch.Tensor:
-        geometry = self.plan.nodes[self.captured.input_node].geometry
-        return self.grid.occluded_tiles(self.inputs, self.baseline, windows, geometry)
+    def input_tiles(self, run: BatchRun) -> torch.Tensor:
+        """The occluded input boxes of a batch's rows."""
+        node = self.captured.input_node
+        lo, hi = self.grid.all_bounds
+        per_row = []
+        for key, bounds in (("window_lo", lo), ("window_hi", hi)):
+            every_window = run.views.device_array(key, bounds, run.device)
+            per_row.append(run.windows_of(every_window).repeat_interleave(run.num_examples, 0))
+        return self.grid.occluded_tiles(
+            self.inputs, self.baseline, run.starts(node), run.size(node), *per_row
+        )
 
     def run_windows(self, windows: np.ndarray) -> torch.Tensor:
         """Model output for each (window, example) row of the given windows."""

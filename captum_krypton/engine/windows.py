@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -43,9 +44,13 @@ class WindowGrid:
         hi = np.minimum(lo + np.asarray(self.window), np.asarray(self.shape))
         return lo.astype(np.int64), hi.astype(np.int64)
 
+    @functools.cached_property
+    def all_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.bounds(np.arange(self.num_windows))
+
     def input_geometry(self) -> Geometry:
         """The box each window changes at the input: its spatial extent, all channels."""
-        lo, hi = self.bounds(np.arange(self.num_windows))
+        lo, hi = self.all_bounds
         return Geometry.from_bounds(lo[:, 1:], hi[:, 1:], tuple(self.shape[1:]))
 
     def coverage(self, dim: int) -> torch.Tensor:
@@ -73,25 +78,22 @@ class WindowGrid:
         self,
         inputs: torch.Tensor,
         baseline: Any,
-        windows: np.ndarray,
-        geometry: Geometry,
+        starts: torch.Tensor,
+        size: tuple[int, ...],
+        lo: torch.Tensor,
+        hi: torch.Tensor,
     ) -> torch.Tensor:
         """The input box of each (window, example) row after occlusion: (rows, C, *size).
 
-        Uses Captum's own formula, input * (1 - mask) + baseline * mask, on the box.
+        starts: (rows, ndim) box starts; lo, hi: (rows, 1 + ndim) window bounds over
+        (channel, *spatial), all on the input's device. Uses Captum's own formula,
+        input * (1 - mask) + baseline * mask, on the box.
         """
         num_examples = inputs.shape[0]
         device = inputs.device
-        rows = len(windows) * num_examples
+        rows = starts.shape[0]
         example = torch.arange(rows, device=device) % num_examples
-        starts_np = np.repeat(geometry.starts[windows], num_examples, axis=0)
-        starts = torch.from_numpy(starts_np).to(device)
-        size = geometry.size
         tile = torch_ops.gather_tiles(inputs.movedim(1, -1), example, starts, size)
-
-        lo, hi = self.bounds(windows)
-        lo = torch.from_numpy(np.repeat(lo, num_examples, axis=0)).to(device)
-        hi = torch.from_numpy(np.repeat(hi, num_examples, axis=0)).to(device)
         ndim = len(size)
         mask = torch.ones((), dtype=torch.bool, device=device)
         for d in range(ndim):

@@ -71,11 +71,11 @@ class WindowSpec:
         return Geometry.from_bounds(lo, hi, out_size)
 
     def read_window(
-        self, out_starts: torch.Tensor, out_size: tuple[int, ...]
+        self, out_starts: torch.Tensor, out_size: tuple[int, ...], run: BatchRun
     ) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Input rows read to produce an output box: starts (may be negative) and size."""
-        stride = torch.as_tensor(self.stride, device=out_starts.device)
-        pad = torch.as_tensor(self.pad_lo, device=out_starts.device)
+        stride = run.views.constant(self.stride, out_starts.device)
+        pad = run.views.constant(self.pad_lo, out_starts.device)
         size = tuple((z - 1) * s + e for z, s, e in zip(out_size, self.stride, self.extent))
         return out_starts * stride - pad, size
 
@@ -100,7 +100,7 @@ class SlidingWindowRule(OpRule):
     def read_tile(self, run: BatchRun, info: NodeInfo, spec: Any) -> torch.Tensor:
         out_starts = run.starts(info.node)
         out_size = run.size(info.node)
-        starts, size = spec.window.read_window(out_starts, out_size)
+        starts, size = spec.window.read_window(out_starts, out_size, run)
         source = _first_arg(info)
         in_size = tuple(run.clean_value(source).shape[2:])
         return run.read(
