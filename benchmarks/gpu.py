@@ -6,8 +6,8 @@ One image per model (torchvision architecture, weights=None, seed 0), window
 (3, 16, 16), stride 4, target 0, fp32 with PyTorch's default CUDA settings.
 Columns: Captum's Occlusion at its best perturbations_per_eval from {64, 256, 1024};
 "naive": our own optimized batched re-inference (cudnn.benchmark, occluded batches
-built on the GPU; the best of channels_last / contiguous and 64 / 256 windows); IncrementalOcclusion
-exact; speedups; the share of the plan's FLOP-ratio limit reached; peak memory.
+built on the GPU; the best of channels_last / contiguous and 64 / 256 windows);
+IncrementalOcclusion exact; speedups; the share of the plan's FLOP-ratio limit reached; peak memory.
 Writes JSON under benchmarks/results/ and prints a markdown table.
 """
 
