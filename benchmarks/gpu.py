@@ -128,7 +128,7 @@ def run_model(name: str, stride: int, captum_batches, repeats: int) -> dict:
         captum[batch] = seconds
         expected = result
     best = min(captum, key=captum.get)
-    scale = expected.abs().max().item()
+    scale = max(expected.abs().max().item(), 1e-30)
     return {
         "model": name,
         "size": size,
@@ -169,6 +169,11 @@ def main() -> None:
     for name in args.models:
         results.append(run_model(name, args.stride, args.captum_batches, args.repeats))
         print(json.dumps(results[-1]), flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "gpu.json"), "w") as f:
+            json.dump(
+                {"device": device, "torch": torch.__version__, "results": results}, f, indent=2
+            )
     print(f"\n{device}, torch {torch.__version__}, window (3, 16, 16), stride {args.stride}\n")
     print(
         "| model | windows | Captum best (ppe) | naive | incremental | vs naive | vs Captum "

@@ -106,6 +106,7 @@ class IncrementalOcclusion(Occlusion):
         windows_per_batch: int | None = None,
         full_threshold: float = DEFAULT_FULL_THRESHOLD,
         kernels: Literal["auto", "torch", "triton"] = "auto",
+        cuda_graphs: bool = True,
     ) -> TensorOrTupleOfTensorsGeneric:
         """Occlusion attributions, as `captum.attr.Occlusion.attribute` computes them.
 
@@ -125,6 +126,9 @@ class IncrementalOcclusion(Occlusion):
                 is computed as the whole map (hybrid evaluation).
             kernels: "auto" (Triton kernels on CUDA when triton is installed,
                 torch ops otherwise), "torch" or "triton".
+            cuda_graphs: on CUDA, capture one window batch as a CUDA graph and
+                replay it for the others (falls back to eager launches if capture
+                fails).
         """
         if engine not in ("auto", "incremental", "captum"):
             raise ValueError(f"engine must be 'auto', 'incremental' or 'captum', not {engine!r}")
@@ -159,6 +163,10 @@ class IncrementalOcclusion(Occlusion):
             return self._captum_attribute(*captum_args)
 
         prepared.use_triton = use_triton(kernels, prepared.inputs.device)
+        # Graphs need kernels that never wait on the host: the Triton ones.
+        prepared.use_cuda_graphs = (
+            cuda_graphs and prepared.use_triton and (prepared.inputs.device.type == "cuda")
+        )
         batch = windows_per_batch or prepared.windows_per_batch(max_memory)
         bar = (
             progress(desc=f"{self.get_name()} attribution", total=prepared.grid.num_windows)

@@ -217,11 +217,11 @@ def test_out_of_memory_halves_the_batch_and_keeps_finished_windows(model, monkey
     original = occlusion_module.PreparedOcclusion.run_windows
     sizes = []
 
-    def run_windows(self, windows):
-        sizes.append(len(windows))
-        if len(windows) > 3:
+    def run_windows(self, first, count):
+        sizes.append(count)
+        if count > 3:
             raise torch.cuda.OutOfMemoryError("simulated")
-        return original(self, windows)
+        return original(self, first, count)
 
     monkeypatch.setattr(occlusion_module.PreparedOcclusion, "run_windows", run_windows)
     inputs = torch.randn(2, 3, 16, 16)

@@ -38,3 +38,23 @@ def test_cuda_per_example_baseline_and_extra_args(exact_cuda_math):
         target=1,
         baselines=torch.rand(2, 3, 16, 16, device="cuda"),
     )
+
+
+def test_cuda_graph_replay_equals_eager(exact_cuda_math):
+    from captum_krypton import IncrementalOcclusion
+
+    model = torchvision.models.resnet18(weights=None).eval().cuda()
+    inputs = torch.randn(2, 3, 48, 48, device="cuda")
+    occlusion = IncrementalOcclusion(model)
+    args = dict(sliding_window_shapes=(3, 8, 8), strides=4, target=[0, 5], windows_per_batch=16)
+    graphed = occlusion.attribute(inputs, cuda_graphs=True, **args)  # 121 windows: a partial batch
+    eager = occlusion.attribute(inputs, cuda_graphs=False, **args)
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+    check_model(
+        model,
+        inputs,
+        sliding_window_shapes=(3, 8, 8),
+        strides=4,
+        target=[0, 5],
+        options={"windows_per_batch": 16},
+    )

@@ -38,7 +38,9 @@ def check_every_box(model, inputs, window, strides, baseline=0.0, full_threshold
         captured, inputs, baseline, window, strides, full_threshold=full_threshold
     )
     windows = np.arange(prepared.grid.num_windows)
-    run = BatchRun(prepared.plan, prepared.views, windows, prepared.input_tiles, {})
+    run = BatchRun(
+        prepared.plan, prepared.views, torch.from_numpy(windows), prepared.input_tiles, {}
+    )
     run.values = _Recording()
     output = run.run()
     # Plain forward of every occluded input, laid out row = window * N + example.
@@ -49,6 +51,12 @@ def check_every_box(model, inputs, window, strides, baseline=0.0, full_threshold
         mask[tuple(slice(a, b) for a, b in zip(lo[w], hi[w]))] = 1
         occluded.append(inputs * (1 - mask) + baseline * mask)
     reference = evaluate(captured, torch.cat(occluded))
+    # A producer whose consumer was folded into it (conv + BatchNorm) holds the
+    # consumer's values.
+    holds = {n: n for n in prepared.plan.nodes}
+    for node, plan in prepared.plan.nodes.items():
+        if plan.rule.name == "fused":
+            holds[node.args[0]] = node
     checked = 0
     for node, plan in prepared.plan.nodes.items():
         if plan.mode != "box" or node not in run.values.seen:
@@ -57,7 +65,7 @@ def check_every_box(model, inputs, window, strides, baseline=0.0, full_threshold
         starts = np.repeat(plan.geometry.starts, inputs.shape[0], axis=0)
         for row in range(box.shape[0]):
             region = tuple(slice(s, s + z) for s, z in zip(starts[row], plan.geometry.size))
-            expected = reference[node][row][(slice(None), *region)]
+            expected = reference[holds[node]][row][(slice(None), *region)]
             torch.testing.assert_close(box[row], expected, rtol=1e-5, atol=1e-5)
         checked += 1
     torch.testing.assert_close(output, reference[captured.output_node], rtol=1e-5, atol=1e-5)
@@ -203,10 +211,15 @@ def test_pointwise_rules_keep_the_box(layer):
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
-def test_batchnorm_rule(dims):
+def test_batchnorm_rule_and_folding_into_conv(dims):
     conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](2, 3, 3, padding=1)
     x = torch.randn((2, 2) + (7,) * dims)
-    check_every_box(Single(conv, _bn(3, dims)), x, (2,) + (3,) * dims, 2)
+    plan, _ = check_every_box(Single(conv, _bn(3, dims)), x, (2,) + (3,) * dims, 2)
+    assert [p.rule.name for p in plan.nodes.values() if p.mode == "box"][-1] == "fused"
+    # A BatchNorm after a pool is not folded; it runs as a pointwise rule.
+    pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[dims](2)
+    plan, _ = check_every_box(Single(pool, _bn(2, dims)), x, (2,) + (3,) * dims, 2)
+    assert [p.rule.name for p in plan.nodes.values() if p.mode == "box"][-1] == "pointwise"
 
 
 class Functions(nn.Module):

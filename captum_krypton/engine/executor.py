@@ -67,16 +67,16 @@ class BatchRun:
         self,
         plan: RegionPlan,
         views: Views,
-        windows: np.ndarray,
+        window_ids: torch.Tensor,
         input_tiles: Callable[[BatchRun], torch.Tensor],
         extra_inputs: dict[fx.Node, Any],
         use_triton: bool = False,
     ):
         self.plan = plan
         self.views = views
-        self.windows = windows
+        self.window_ids = window_ids  # (windows,) on the device
         self.num_examples = plan.num_examples
-        self.rows = len(windows) * self.num_examples
+        self.rows = len(window_ids) * self.num_examples
         self.device = views.env[plan.captured.input_node].device
         self.example = torch.arange(self.rows, device=self.device) % self.num_examples
         self.values: dict[fx.Node, Any] = {}
@@ -98,9 +98,9 @@ class BatchRun:
         return starts
 
     def windows_of(self, per_window: torch.Tensor) -> torch.Tensor:
-        """Rows of a per-window device tensor for this batch (a contiguous range)."""
-        first = int(self.windows[0])
-        return per_window[first : first + len(self.windows)]
+        """This batch's entries of a per-window device tensor (a gather on the device,
+        so a captured CUDA graph replays for any batch)."""
+        return per_window.index_select(0, self.window_ids)
 
     def size(self, node: fx.Node) -> tuple[int, ...]:
         return self.plan.nodes[node].geometry.size

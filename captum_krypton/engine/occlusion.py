@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from captum._utils.common import _expand_target, _select_targets
 from captum._utils.typing import TargetType
@@ -20,6 +20,8 @@ from captum_krypton.graph.capture import (
     evaluate,
 )
 from captum_krypton.graph.plan import DEFAULT_FULL_THRESHOLD, RegionPlan, build_plan, check_ops
+
+logger = logging.getLogger(__name__)
 
 #: Default memory for one window batch on the CPU; on CUDA, half the free memory.
 DEFAULT_CPU_MEMORY = 1 << 30
@@ -65,6 +67,7 @@ class PreparedOcclusion:
     plan: RegionPlan
     output: torch.Tensor
     use_triton: bool = False
+    use_cuda_graphs: bool = False
 
     @classmethod
     def prepare(
@@ -114,14 +117,15 @@ class PreparedOcclusion:
             self.inputs, self.baseline, run.starts(node), run.size(node), *per_row
         )
 
-    def run_windows(self, windows: np.ndarray) -> torch.Tensor:
-        """Model output for each (window, example) row of the given windows."""
-        extra = {n: v for n, v in self.captured.placeholder_values.items()}
+    def batch_run(self, window_ids: torch.Tensor) -> BatchRun:
+        extra = dict(self.captured.placeholder_values)
+        return BatchRun(self.plan, self.views, window_ids, self.input_tiles, extra, self.use_triton)
+
+    def run_windows(self, first: int, count: int) -> torch.Tensor:
+        """Model output for each (window, example) row of windows [first, first + count)."""
+        ids = torch.arange(first, first + count, device=self.inputs.device)
         with torch.no_grad():
-            batch = BatchRun(
-                self.plan, self.views, windows, self.input_tiles, extra, self.use_triton
-            )
-            return batch.run()
+            return self.batch_run(ids).run()
 
     def attribute(
         self,
@@ -138,24 +142,66 @@ class PreparedOcclusion:
             dtype=flat_initial.dtype,
             device=flat_initial.device,
         )
+        graphed: GraphedBatch | None = None
         first = 0
         while first < self.grid.num_windows:
-            windows = np.arange(first, min(first + windows_per_batch, self.grid.num_windows))
+            count = min(windows_per_batch, self.grid.num_windows - first)
             try:
-                output = self.run_windows(windows)
+                if self.use_cuda_graphs and count == windows_per_batch:
+                    if graphed is None or graphed.size != count:
+                        graphed = GraphedBatch.capture(self, count)
+                    if graphed is None:  # capture failed: eager from here on
+                        self.use_cuda_graphs = False
+                        continue
+                    output = graphed.run(first)
+                else:
+                    output = self.run_windows(first, count)
             except torch.cuda.OutOfMemoryError:
                 if windows_per_batch == 1:
                     raise
                 # Finished windows are kept; this batch is retried at half the size.
+                graphed = None
                 windows_per_batch = max(1, windows_per_batch // 2)
                 torch.cuda.empty_cache()
                 continue
-            modified = _select_targets(output, _expand_target(target, len(windows)))
-            diffs[first : first + len(windows)] = flat_initial - modified.reshape(-1, num_outputs)
-            first += len(windows)
+            modified = _select_targets(output, _expand_target(target, count))
+            diffs[first : first + count] = flat_initial - modified.reshape(-1, num_outputs)
+            first += count
             if on_batch is not None:
-                on_batch(len(windows))
+                on_batch(count)
         total, count = self.grid.accumulate(diffs)
         # As Captum: the sum in the output's dtype, divided by counts in float32.
         result = total.to(flat_initial.dtype).float() / count.float()
         return result.to(self.inputs.device)
+
+
+class GraphedBatch:
+    """One window batch captured as a CUDA graph and replayed for every batch of the
+    same size: the plan's many small launches cost one launch. The batch's window
+    ids live in a static device tensor that each replay refills."""
+
+    def __init__(self, size: int, ids: torch.Tensor, graph: Any, output: torch.Tensor):
+        self.size, self._ids, self._graph, self._output = size, ids, graph, output
+
+    @classmethod
+    def capture(cls, prepared: PreparedOcclusion, size: int) -> GraphedBatch | None:
+        device = prepared.inputs.device
+        ids = torch.arange(size, device=device)
+        prepared.run_windows(0, size)  # warm-up: caches, cudnn algorithm choice
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.no_grad(), torch.cuda.graph(graph):
+                output = prepared.batch_run(ids).run()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # an op that syncs with the host cannot be captured
+            logger.info("CUDA graph capture failed, running eagerly: %s", exc)
+            return None
+        if not isinstance(output, torch.Tensor):
+            return None
+        return cls(size, ids, graph, output)
+
+    def run(self, first: int) -> torch.Tensor:
+        self._ids.copy_(torch.arange(first, first + self.size, device=self._ids.device))
+        self._graph.replay()
+        return self._output

@@ -170,6 +170,18 @@ class ConvRule(SlidingWindowRule):
         window = WindowSpec(kernel, _tuple(stride, ndim), pad_lo, dilation)
         return ConvSpec(window, weight, bias, int(groups))
 
+    def absorb_batchnorm(self, spec: ConvSpec, bn: nn.modules.batchnorm._BatchNorm) -> ConvSpec:
+        """Fold an eval BatchNorm that follows the conv into its weight and bias."""
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        bias = spec.bias if spec.bias is not None else torch.zeros_like(bn.running_mean)
+        bias = (bias - bn.running_mean) * scale
+        if bn.bias is not None:
+            bias = bias + bn.bias
+        weight = spec.weight * scale.view(-1, *([1] * (spec.weight.dim() - 1)))
+        return ConvSpec(spec.window, weight.detach(), bias.detach(), spec.groups)
+
     def run_box(self, run, info, spec):
         tile = self.read_tile(run, info, spec)
         conv = self._functional[tile.dim() - 2]
@@ -382,6 +394,18 @@ class TrainingSensitiveRule(PointwiseRule):
                 training = info.args[position]
         if training:
             raise UnsupportedForIncremental(f"'{info.node.name}' runs in training mode")
+
+
+class FusedRule(OpRule):
+    """A node whose op was folded into its producer: it passes the box on."""
+
+    name = "fused"
+
+    def run_box(self, run, info, spec):
+        return run.read_at(_first_arg(info), info.node)
+
+
+FUSED_RULE = FusedRule()
 
 
 class IdentityRule(TrainingSensitiveRule):
