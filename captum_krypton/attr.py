@@ -106,14 +106,15 @@ class IncrementalOcclusion(Occlusion):
         windows_per_batch: int | None = None,
         full_threshold: float = DEFAULT_FULL_THRESHOLD,
         kernels: Literal["auto", "torch", "triton"] = "auto",
-        cuda_graphs: bool = True,
+        cuda_graphs: bool = False,
     ) -> TensorOrTupleOfTensorsGeneric:
         """Occlusion attributions, as `captum.attr.Occlusion.attribute` computes them.
 
         Captum's arguments keep their meaning. `perturbations_per_eval` sets the
         batch only where Captum's path runs; the incremental engine sizes its own
         batches of windows so that one batch stays within `max_memory` bytes
-        (default: 1 GiB on the CPU, half the free memory on CUDA), or takes
+        (default: 1 GiB on the CPU; on CUDA half the free memory, and at most 1024
+        rows of windows x examples, rounded down to a power of two), or takes
         `windows_per_batch` windows when given.
 
         Keyword-only extras:
@@ -128,7 +129,8 @@ class IncrementalOcclusion(Occlusion):
                 torch ops otherwise), "torch" or "triton".
             cuda_graphs: on CUDA, capture one window batch as a CUDA graph and
                 replay it for the others (falls back to eager launches if capture
-                fails).
+                fails). Off by default: the capture costs about two batches, which
+                pays off only when a call runs many batches.
         """
         if engine not in ("auto", "incremental", "captum"):
             raise ValueError(f"engine must be 'auto', 'incremental' or 'captum', not {engine!r}")

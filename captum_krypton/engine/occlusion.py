@@ -27,10 +27,17 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_MEMORY = 1 << 30
 
 
+#: On CUDA a batch holds at most this many rows (windows x examples): larger
+#: batches add no throughput, and a bounded, power-of-two batch keeps the shapes
+#: the same from call to call, so cudnn's algorithm choices are reused.
+MAX_CUDA_ROWS = 1024
+
+
 def default_memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return (free + cached) // 2
     return DEFAULT_CPU_MEMORY
 
 
@@ -102,8 +109,12 @@ class PreparedOcclusion:
 
     def windows_per_batch(self, memory_budget: int | None) -> int:
         budget = memory_budget or default_memory_budget(self.inputs.device)
-        per_window = self.plan.peak_row_bytes() * self.inputs.shape[0]
-        return int(max(1, min(self.grid.num_windows, budget // per_window)))
+        num_examples = self.inputs.shape[0]
+        windows = budget // (self.plan.peak_row_bytes() * num_examples)
+        if self.inputs.device.type == "cuda":
+            windows = min(windows, MAX_CUDA_ROWS // num_examples)
+            windows = 1 << (max(windows, 1).bit_length() - 1)  # a power of two
+        return int(max(1, min(self.grid.num_windows, windows)))
 
     def input_tiles(self, run: BatchRun) -> torch.Tensor:
         """The occluded input boxes of a batch's rows."""
