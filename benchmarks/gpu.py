@@ -98,6 +98,7 @@ def run_model(name: str, stride: int, captum_batches, repeats: int) -> dict:
     plan = occlusion.plan(image, window, strides=stride)
     ours_s, ours = cuda_time(lambda: occlusion.attribute(image, **kwargs), repeats)
     ours_mb = peak_memory(lambda: occlusion.attribute(image, **kwargs))
+    graphs_s, _ = cuda_time(lambda: occlusion.attribute(image, cuda_graphs=True, **kwargs), repeats)
     # The naive baseline at its best layout and batch size.
     naive_s, naive, naive_config = float("inf"), None, None
     for layout in (torch.channels_last, torch.contiguous_format):
@@ -141,6 +142,7 @@ def run_model(name: str, stride: int, captum_batches, repeats: int) -> dict:
             "batch": naive_config[1],
         },
         "incremental_seconds": ours_s,
+        "incremental_cuda_graphs_seconds": graphs_s,
         "speedup_vs_naive": naive_s / ours_s,
         "speedup_vs_captum": captum[best] / ours_s,
         "flop_ratio_limit": plan.theoretical_speedup,
