@@ -118,3 +118,22 @@ def test_unknown_ops_run_full_but_stay_exact():
     expected = Occlusion(model).attribute(x, (3, 4, 4), strides=2, target=2)
     actual = IncrementalOcclusion(model).attribute(x, (3, 4, 4), strides=2, target=2)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_plans_that_save_little_rerun_the_whole_model():
+    """Squeeze-excite on the input leaves nothing to save: the batch runs as plain
+    re-inference (no bookkeeping), and the result still equals Captum's."""
+
+    class EarlySqueezeExcite(models.SmallCNN):
+        def forward(self, x):
+            x = x * torch.sigmoid(x.mean((2, 3), keepdim=True))
+            return super().forward(x)
+
+    model = models.small_cnn(EarlySqueezeExcite)
+    x = torch.randn(2, 3, 16, 16)
+    plan = IncrementalOcclusion(model).plan(x, (3, 4, 4), strides=2)
+    assert plan.rerun_whole_model and plan.theoretical_speedup == 1.0
+    assert "plain re-inference" in plan.summary()
+    expected = Occlusion(model).attribute(x, (3, 4, 4), strides=2, target=[1, 4])
+    actual = IncrementalOcclusion(model).attribute(x, (3, 4, 4), strides=2, target=[1, 4])
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)

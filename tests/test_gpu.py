@@ -14,7 +14,9 @@ pytestmark = [
 torchvision = pytest.importorskip("torchvision")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn", "mobilenet_v2", "densenet121"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "vgg11_bn", "mobilenet_v2", "densenet121", "efficientnet_b0"]
+)
 def test_cuda_model_matches_captum(name, exact_cuda_math):
     model = getattr(torchvision.models, name)(weights=None).eval().cuda()
     inputs = torch.randn(2, 3, 64, 64, device="cuda")

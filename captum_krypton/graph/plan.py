@@ -16,6 +16,9 @@ from captum_krypton.graph.rules import FUSED_RULE, ConvRule, describe_target
 #: A box covering at least this share of its map is computed whole instead:
 #: gathering tiles costs more than the few positions it saves.
 DEFAULT_FULL_THRESHOLD = 0.75
+#: A plan saving less than this factor of FLOPs is not worth its bookkeeping: the
+#: batch runs as plain re-inference of the whole model on occluded inputs.
+MIN_INCREMENTAL_GAIN = 1.15
 
 
 @dataclass
@@ -47,6 +50,7 @@ class RegionPlan:
     order: list[fx.Node]  # the nodes a window batch evaluates, in order
     num_examples: int
     last_use: dict[fx.Node, int] = field(default_factory=dict)
+    rerun_whole_model: bool = False
 
     @property
     def flops_full(self) -> float:
@@ -59,6 +63,8 @@ class RegionPlan:
     @property
     def theoretical_speedup(self) -> float:
         """FLOPs of full re-inference over FLOPs of this plan (the speedup limit)."""
+        if self.rerun_whole_model:
+            return 1.0
         return self.flops_full / max(self.flops_incremental, 1.0)
 
     def peak_row_bytes(self) -> int:
@@ -123,6 +129,11 @@ class RegionPlan:
         if len(shown) < len(table):
             lines.append(f"... {len(table) - len(shown)} more nodes")
         full_at = next((r["node"] for r in table if r["mode"] == "full"), None)
+        if self.rerun_whole_model:
+            lines.append(
+                f"the plan saves less than {MIN_INCREMENTAL_GAIN:.2f}x: windows run as "
+                "plain re-inference of the whole model"
+            )
         lines.append(
             f"FLOPs per window: full re-inference {self.flops_full / 1e6:.1f} M, "
             f"incremental {self.flops_incremental / 1e6:.1f} M; "
@@ -267,4 +278,6 @@ def build_plan(
             last_use[arg] = step
     for step, node in enumerate(order):
         last_use.setdefault(node, step)
-    return RegionPlan(captured, nodes, order, num_examples, last_use)
+    plan = RegionPlan(captured, nodes, order, num_examples, last_use)
+    plan.rerun_whole_model = plan.theoretical_speedup < MIN_INCREMENTAL_GAIN
+    return plan
