@@ -31,6 +31,9 @@ DEFAULT_CPU_MEMORY = 1 << 30
 #: batches add no throughput, and a bounded, power-of-two batch keeps the shapes
 #: the same from call to call, so cudnn's algorithm choices are reused.
 MAX_CUDA_ROWS = 1024
+#: Plain re-inference of the whole model keeps every activation of a batch: its
+#: throughput stops growing well before that, at a quarter of the rows.
+MAX_CUDA_ROWS_WHOLE_MODEL = 256
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -112,7 +115,8 @@ class PreparedOcclusion:
         num_examples = self.inputs.shape[0]
         windows = budget // (self.plan.peak_row_bytes() * num_examples)
         if self.inputs.device.type == "cuda":
-            windows = min(windows, MAX_CUDA_ROWS // num_examples)
+            rows = MAX_CUDA_ROWS_WHOLE_MODEL if self.plan.rerun_whole_model else MAX_CUDA_ROWS
+            windows = min(windows, rows // num_examples)
             windows = 1 << (max(windows, 1).bit_length() - 1)  # a power of two
         return int(max(1, min(self.grid.num_windows, windows)))
 

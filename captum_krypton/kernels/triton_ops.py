@@ -27,10 +27,9 @@ def _compose_region_kernel(
     example_ptr,
     starts_ptr,
     box_starts_ptr,
-    total,
     channels,
     positions,
-    size0,
+    position_blocks,
     size1,
     size2,
     map0,
@@ -56,41 +55,42 @@ def _compose_region_kernel(
     out_s2,
     pad_value,
     HAS_BOX: tl.constexpr,
-    CHANNELS_INNER: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    valid = flat < total
-    # Logical index (row, position, channel), channel or position fastest.
-    if CHANNELS_INNER:
-        c = flat % channels
-        p = (flat // channels) % positions
-        r = flat // (channels * positions)
-    else:
-        p = flat % positions
-        c = (flat // positions) % channels
-        r = flat // (channels * positions)
+    # One program: one row, a block of positions x a block of channels. Per-row
+    # offsets are scalars; position arithmetic is done once per position.
+    row = tl.program_id(0) // position_blocks
+    p = (tl.program_id(0) % position_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r = row.to(tl.int64)
+    p_ok = p < positions
+    c_ok = c < channels
     t2 = p % size2
     t1 = (p // size2) % size1
     t0 = p // (size2 * size1)
-    m0 = tl.load(starts_ptr + r * 3 + 0, mask=valid, other=0) + t0
-    m1 = tl.load(starts_ptr + r * 3 + 1, mask=valid, other=0) + t1
-    m2 = tl.load(starts_ptr + r * 3 + 2, mask=valid, other=0) + t2
-    in_map = valid & (m0 >= 0) & (m0 < map0) & (m1 >= 0) & (m1 < map1) & (m2 >= 0) & (m2 < map2)
-    example = tl.load(example_ptr + r, mask=valid, other=0)
-    view_offset = example * view_sn + c * view_sc + m0 * view_s0 + m1 * view_s1 + m2 * view_s2
-    value = tl.load(view_ptr + view_offset, mask=in_map, other=pad_value)
+    m0 = tl.load(starts_ptr + r * 3 + 0) + t0
+    m1 = tl.load(starts_ptr + r * 3 + 1) + t1
+    m2 = tl.load(starts_ptr + r * 3 + 2) + t2
+    in_map = p_ok & (m0 >= 0) & (m0 < map0) & (m1 >= 0) & (m1 < map1) & (m2 >= 0) & (m2 < map2)
+    example = tl.load(example_ptr + r)
+    view_at = example * view_sn + m0 * view_s0 + m1 * view_s1 + m2 * view_s2
+    view_offset = view_at[:, None] + c[None, :].to(tl.int64) * view_sc
+    value = tl.load(view_ptr + view_offset, mask=in_map[:, None] & c_ok[None, :], other=pad_value)
     if HAS_BOX:
-        b0 = m0 - tl.load(box_starts_ptr + r * 3 + 0, mask=valid, other=0)
-        b1 = m1 - tl.load(box_starts_ptr + r * 3 + 1, mask=valid, other=0)
-        b2 = m2 - tl.load(box_starts_ptr + r * 3 + 2, mask=valid, other=0)
-        in_box = valid & (b0 >= 0) & (b0 < bsize0) & (b1 >= 0) & (b1 < bsize1)
+        b0 = m0 - tl.load(box_starts_ptr + r * 3 + 0)
+        b1 = m1 - tl.load(box_starts_ptr + r * 3 + 1)
+        b2 = m2 - tl.load(box_starts_ptr + r * 3 + 2)
+        in_box = p_ok & (b0 >= 0) & (b0 < bsize0) & (b1 >= 0) & (b1 < bsize1)
         in_box = in_box & (b2 >= 0) & (b2 < bsize2)
-        box_offset = r * box_sr + c * box_sc + b0 * box_s0 + b1 * box_s1 + b2 * box_s2
-        from_box = tl.load(box_ptr + box_offset, mask=in_box, other=0.0)
-        value = tl.where(in_box, from_box, value)
-    out_offset = r * out_sr + c * out_sc + t0 * out_s0 + t1 * out_s1 + t2 * out_s2
-    tl.store(out_ptr + out_offset, value, mask=valid)
+        box_at = r * box_sr + b0 * box_s0 + b1 * box_s1 + b2 * box_s2
+        box_offset = box_at[:, None] + c[None, :].to(tl.int64) * box_sc
+        box_mask = in_box[:, None] & c_ok[None, :]
+        from_box = tl.load(box_ptr + box_offset, mask=box_mask, other=0.0)
+        value = tl.where(box_mask, from_box, value)
+    out_at = r * out_sr + t0 * out_s0 + t1 * out_s1 + t2 * out_s2
+    out_offset = out_at[:, None] + c[None, :].to(tl.int64) * out_sc
+    tl.store(out_ptr + out_offset, value, mask=p_ok[:, None] & c_ok[None, :])
 
 
 def _padded3(values: Sequence[int], fill: int) -> list[int]:
@@ -130,7 +130,6 @@ def compose_region(
     """
     rows = starts.shape[0]
     channels = view.shape[1]
-    ndim = len(size)
     if out is None:
         out = torch.empty((rows, *size, channels), dtype=view.dtype, device=view.device).movedim(
             -1, 1
@@ -138,17 +137,22 @@ def compose_region(
     positions = 1
     for s in size:
         positions *= s
-    total = rows * channels * positions
-    if total == 0:
+    if rows * channels * positions == 0:
         return out
     has_box = box is not None
     box_arg = box if has_box else view
     box_starts_arg = _starts3(box_starts) if has_box else _starts3(starts)
     box_size = _padded3(box.shape[2:], 1) if has_box else [1] * MAX_DIMS
-    out_strides = _strides3(out)
-    channels_inner = out.stride(1) == 1 or ndim == 0
-    block = 1024
-    grid = (triton.cdiv(total, block),)
+    # Blocks follow the output's layout: channels innermost (tiles) or positions
+    # innermost (NCHW projections), so stores stay contiguous.
+    channel_block = min(triton.next_power_of_2(channels), 64)
+    if out.stride(1) == 1:
+        block_p, block_c = max(16, 1024 // channel_block), channel_block
+    else:
+        block_p, block_c = 256, min(channel_block, 4)
+    position_blocks = triton.cdiv(positions, block_p)
+    grid = (rows * position_blocks, triton.cdiv(channels, block_c))
+    padded_size = _padded3(size, 1)
     _compose_region_kernel[grid](
         out,
         view,
@@ -156,18 +160,19 @@ def compose_region(
         example.contiguous(),
         _starts3(starts),
         box_starts_arg,
-        total,
         channels,
         positions,
-        *_padded3(size, 1),
+        position_blocks,
+        padded_size[1],
+        padded_size[2],
         *_padded3(view.shape[2:], 1),
         *box_size,
         *_strides3(view),
         *_strides3(box_arg),
-        *out_strides,
+        *_strides3(out),
         pad_value,
         HAS_BOX=has_box,
-        CHANNELS_INNER=channels_inner,
-        BLOCK=block,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
     )
     return out
