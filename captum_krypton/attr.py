@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from captum._utils.common import (
     _format_additional_forward_args,
     _format_output,
@@ -30,9 +29,8 @@ from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.graph.capture import (
     CapturedGraph,
     UnsupportedForIncremental,
-    capture,
+    capture_cached,
     resolve_module,
-    trace_cache_key,
 )
 from captum_krypton.graph.plan import DEFAULT_FULL_THRESHOLD, RegionPlan
 from captum_krypton.kernels import use_triton
@@ -244,19 +242,7 @@ class IncrementalOcclusion(Occlusion):
         _, formatted_baselines = _format_input_baseline(formatted, baselines)
         module = resolve_module(self.forward_func)
         extra = _format_additional_forward_args(additional_forward_args) or ()
-        key = trace_cache_key(extra)
-        captured = self._captures.get(key)
-        if captured is None:
-            captured = capture(module, extra)
-            self._captures[key] = captured
-        else:
-            from captum_krypton.graph.capture import check_no_hooks
-
-            check_no_hooks(module)
-            tensors = iter(a for a in extra if isinstance(a, torch.Tensor))
-            for node, value in list(captured.placeholder_values.items()):
-                if isinstance(value, torch.Tensor):
-                    captured.placeholder_values[node] = next(tensors)
+        captured = capture_cached(self._captures, module, extra)
         return PreparedOcclusion.prepare(
             captured,
             formatted[0],

@@ -105,13 +105,10 @@ def capture(module: nn.Module, additional_args: Sequence[Any]) -> CapturedGraph:
     # Non-tensor arguments are baked into the trace, so Python control flow on
     # them is fine; tensors stay graph inputs.
     concrete: dict[str, Any] = {}
-    tensor_params: list[str] = [params[0].name]
     given = list(additional_args)
     for i, param in enumerate(params[1:]):
         if i < len(given):
-            if isinstance(given[i], torch.Tensor):
-                tensor_params.append(param.name)
-            else:
+            if not isinstance(given[i], torch.Tensor):
                 concrete[param.name] = given[i]
         elif param.default is not inspect.Parameter.empty:
             concrete[param.name] = param.default
@@ -222,6 +219,24 @@ def _redirect_inplace_aliases(module: nn.Module, nodes: list[fx.Node]) -> None:
         for user in list(target.users):
             if user is not node and position[user] > position[node]:
                 user.replace_input_with(target, node)
+
+
+def capture_cached(
+    cache: dict[tuple, CapturedGraph], module: nn.Module, additional_args: Sequence[Any]
+) -> CapturedGraph:
+    """A trace for these arguments, reused when only tensor values changed (their
+    new values are bound to the graph's inputs); hooks are checked every time."""
+    key = trace_cache_key(additional_args)
+    captured = cache.get(key)
+    if captured is None:
+        captured = cache[key] = capture(module, additional_args)
+        return captured
+    check_no_hooks(module)
+    tensors = iter(a for a in additional_args if isinstance(a, torch.Tensor))
+    for node, value in list(captured.placeholder_values.items()):
+        if isinstance(value, torch.Tensor):
+            captured.placeholder_values[node] = next(tensors)
+    return captured
 
 
 def trace_cache_key(additional_args: Sequence[Any]) -> tuple:
