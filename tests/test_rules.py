@@ -13,6 +13,9 @@ from captum_krypton.engine.executor import BatchRun
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.graph.capture import capture, evaluate
 from captum_krypton.graph.registry import registered_names
+from captum_krypton.kernels import triton_importable
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class _Recording(dict):
@@ -28,7 +31,9 @@ class _Recording(dict):
         super().__setitem__(key, value)
 
 
-def check_every_box(model, inputs, window, strides, baseline=0.0, full_threshold=1.01):
+def check_every_box(
+    model, inputs, window, strides, baseline=0.0, full_threshold=1.01, use_triton=False
+):
     """Box values vs the plain forward of each occluded input, node by node."""
     model = model.eval()
     if isinstance(strides, int):
@@ -39,7 +44,12 @@ def check_every_box(model, inputs, window, strides, baseline=0.0, full_threshold
     )
     windows = np.arange(prepared.grid.num_windows)
     run = BatchRun(
-        prepared.plan, prepared.views, torch.from_numpy(windows), prepared.input_tiles, {}
+        prepared.plan,
+        prepared.views,
+        torch.from_numpy(windows).to(inputs.device),
+        prepared.input_tiles,
+        {},
+        use_triton=use_triton,
     )
     run.values = _Recording()
     output = run.run()
@@ -47,7 +57,7 @@ def check_every_box(model, inputs, window, strides, baseline=0.0, full_threshold
     lo, hi = prepared.grid.bounds(windows)
     occluded = []
     for w in windows:
-        mask = torch.zeros(inputs.shape[1:])
+        mask = torch.zeros(inputs.shape[1:], device=inputs.device)
         mask[tuple(slice(a, b) for a, b in zip(lo[w], hi[w]))] = 1
         occluded.append(inputs * (1 - mask) + baseline * mask)
     reference = evaluate(captured, torch.cat(occluded))
@@ -317,3 +327,27 @@ def test_registry_lists_rules():
     for expected in ("Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU", "Dropout"):
         assert expected in names["modules"]
     assert "cat" in names["functions"] and "add" in names["functions"]
+
+
+@pytest.mark.skipif(not triton_importable(), reason="needs triton")
+@pytest.mark.parametrize("name", ["stride2", "dilated", "groups", "large_pad", "stride2_k1"])
+def test_conv_rules_with_triton_read_in(name, exact_cuda_math):
+    """The same per-box checks with the Triton read-in and projection kernels
+    (under TRITON_INTERPRET=1 on the CPU)."""
+    conv = CONV_CASES[name]
+    x = torch.randn(2, conv.in_channels, 13, 11, device=DEVICE)
+    model = Single(conv).to(DEVICE)
+    check_every_box(model, x, (conv.in_channels, 4, 3), (1, 3, 2), use_triton=True)
+
+
+@pytest.mark.skipif(not triton_importable(), reason="needs triton")
+@pytest.mark.parametrize("name", ["max_overlap_pad", "max_ceil", "avg_pad"])
+def test_pool_rules_with_triton_read_in(name, exact_cuda_math):
+    x = torch.randn(2, 3, 13, 12, device=DEVICE)
+    check_every_box(Single(POOL_CASES[name]), x, (3, 3, 4), (1, 2, 2), use_triton=True)
+
+
+@pytest.mark.skipif(not triton_importable(), reason="needs triton")
+def test_merging_rules_with_triton_read_in(exact_cuda_math):
+    x = torch.randn(2, 3, 15, 13, device=DEVICE)
+    check_every_box(Branches().to(DEVICE), x, (3, 3, 3), (1, 3, 3), use_triton=True)
