@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from captum_krypton.graph import rules  # noqa: F401  (fills the registry)
 from captum_krypton.graph.capture import CapturedGraph
 from captum_krypton.graph.registry import FULL_RULE, Geometry, NodeInfo, OpRule, rule_for
-from captum_krypton.graph.rules import FUSED_RULE, ConvRule, describe_target
+from captum_krypton.graph.rules import FUSED_RULE, describe_target
 
 #: A box covering at least this share of its map is computed whole instead:
 #: gathering tiles costs more than the few positions it saves.
@@ -171,25 +171,24 @@ def check_ops(captured: CapturedGraph) -> None:
             rule_for(node, module).check(info)
 
 
-def _fold_batchnorms(nodes: dict[fx.Node, NodePlan]) -> None:
-    """Conv -> eval BatchNorm, both on the same box: the BatchNorm goes into the conv's
-    weights (one pass over the tile fewer)."""
+def _fuse_into_producers(nodes: dict[fx.Node, NodePlan]) -> None:
+    """A box node whose producer's rule can absorb it (conv + eval BatchNorm) is
+    computed by the producer: one pass over the tile fewer."""
     for plan in nodes.values():
-        module = plan.info.module
-        if plan.mode != "box" or not isinstance(module, nn.modules.batchnorm._BatchNorm):
-            continue
         source = plan.node.args[0] if plan.node.args else None
-        producer = nodes.get(source)
+        producer = nodes.get(source) if isinstance(source, fx.Node) else None
         if (
-            producer is None
-            or not isinstance(producer.rule, ConvRule)
+            plan.mode != "box"
+            or producer is None
             or producer.mode != "box"
             or len(source.users) != 1
             or not producer.geometry.same_as(plan.geometry)
         ):
             continue
-        producer.spec = producer.rule.absorb_batchnorm(producer.spec, module)
-        plan.rule = FUSED_RULE
+        absorbed = producer.rule.absorb(producer.spec, plan.info)
+        if absorbed is not None:
+            producer.spec = absorbed
+            plan.rule = FUSED_RULE
 
 
 def build_plan(
@@ -271,7 +270,7 @@ def build_plan(
         )
         if mode != "none":
             order.append(node)
-    _fold_batchnorms(nodes)
+    _fuse_into_producers(nodes)
     last_use: dict[fx.Node, int] = {}
     for step, node in enumerate(order):
         for arg in node.all_input_nodes:

@@ -82,6 +82,11 @@ class OpRule:
         """The node's output box given its boxed inputs; None means `full`."""
         return None
 
+    def absorb(self, spec: Any, consumer: NodeInfo) -> Any:
+        """A new spec that also computes `consumer` (the node's only user, on the same
+        box), or None when this op cannot take it in."""
+        return None
+
     def run_box(self, run: BatchRun, info: NodeInfo, spec: Any) -> torch.Tensor:
         raise NotImplementedError
 

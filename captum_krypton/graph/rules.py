@@ -170,8 +170,11 @@ class ConvRule(SlidingWindowRule):
         window = WindowSpec(kernel, _tuple(stride, ndim), pad_lo, dilation)
         return ConvSpec(window, weight, bias, int(groups))
 
-    def absorb_batchnorm(self, spec: ConvSpec, bn: nn.modules.batchnorm._BatchNorm) -> ConvSpec:
+    def absorb(self, spec: ConvSpec, consumer: NodeInfo) -> ConvSpec | None:
         """Fold an eval BatchNorm that follows the conv into its weight and bias."""
+        bn = consumer.module
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+            return None
         scale = torch.rsqrt(bn.running_var + bn.eps)
         if bn.weight is not None:
             scale = scale * bn.weight
