@@ -13,7 +13,7 @@ from captum_krypton.engine.executor import BatchRun
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.graph.capture import capture, evaluate
 from captum_krypton.graph.registry import registered_names
-from captum_krypton.kernels import triton_importable
+from captum_krypton.kernels import choice, triton_importable
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -61,12 +61,14 @@ def check_every_box(
         mask[tuple(slice(a, b) for a, b in zip(lo[w], hi[w]))] = 1
         occluded.append(inputs * (1 - mask) + baseline * mask)
     reference = evaluate(captured, torch.cat(occluded))
-    # A producer whose consumer was folded into it (conv + BatchNorm) holds the
-    # consumer's values.
+    # A producer whose consumers were folded into it (conv + BatchNorm + ReLU)
+    # holds the last consumer's values.
     holds = {n: n for n in prepared.plan.nodes}
     for node, plan in prepared.plan.nodes.items():
         if plan.rule.name == "fused":
-            holds[node.args[0]] = node
+            for producer, held in holds.items():
+                if held is node.args[0]:
+                    holds[producer] = node
     checked = 0
     for node, plan in prepared.plan.nodes.items():
         if plan.mode != "box" or node not in run.values.seen:
@@ -351,3 +353,57 @@ def test_pool_rules_with_triton_read_in(name, exact_cuda_math):
 def test_merging_rules_with_triton_read_in(exact_cuda_math):
     x = torch.randn(2, 3, 15, 13, device=DEVICE)
     check_every_box(Branches().to(DEVICE), x, (3, 3, 3), (1, 3, 3), use_triton=True)
+
+
+IMPLICIT_GEMM_CASES = ["plain", "padded", "stride2", "stride3_k2", "dilated", "asymmetric"]
+
+
+@pytest.mark.skipif(not triton_importable(), reason="needs triton")
+@pytest.mark.parametrize("name", IMPLICIT_GEMM_CASES)
+def test_conv_rules_with_implicit_gemm(name, exact_cuda_math):
+    """The conv computed straight from (box | view | zero) by the Triton
+    implicit-GEMM kernel, with BatchNorm and ReLU in its epilogue."""
+    conv = CONV_CASES[name]
+    model = Single(conv, _bn(conv.out_channels), nn.ReLU(inplace=True)).to(DEVICE)
+    x = torch.randn(2, conv.in_channels, 13, 11, device=DEVICE)
+    with choice.forced("implicit_gemm"):
+        plan, checked = check_every_box(
+            model, x, (conv.in_channels, 4, 3), (1, 3, 2), use_triton=True
+        )
+    assert checked == 4
+
+
+def test_conv_absorbs_batchnorm_then_relu():
+    model = Single(nn.Conv2d(3, 4, 3, padding=1), _bn(4), nn.ReLU())
+    x = torch.randn(2, 3, 9, 9)
+    plan, _ = check_every_box(model, x, (3, 3, 3), 2)
+    rules = [p.rule.name for p in plan.nodes.values() if p.mode == "box"]
+    assert rules == ["full", "conv", "fused", "fused"]  # input, conv, bn, relu
+    conv_plan = next(p for p in plan.nodes.values() if p.rule.name == "conv")
+    assert conv_plan.spec.activation == "relu"
+
+
+class ConvWithTwoReaders(nn.Module):
+    """The conv's output feeds the ReLU and the sum: the ReLU cannot be folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return F.relu(y) + y
+
+
+def test_relu_with_a_shared_input_is_not_folded():
+    plan, _ = check_every_box(ConvWithTwoReaders().eval(), torch.randn(1, 3, 9, 9), (3, 3, 3), 2)
+    conv_plan = next(p for p in plan.nodes.values() if p.rule.name == "conv")
+    assert conv_plan.spec.activation is None
+    assert "fused" not in [p.rule.name for p in plan.nodes.values()]
+
+
+def test_relu_before_batchnorm_is_folded_but_the_batchnorm_is_not():
+    model = Single(nn.Conv2d(3, 4, 3), nn.ReLU(), _bn(4))
+    plan, _ = check_every_box(model, torch.randn(2, 3, 9, 9), (3, 3, 3), 2)
+    rules = [p.rule.name for p in plan.nodes.values() if p.mode == "box"]
+    assert rules == ["full", "conv", "fused", "pointwise"]

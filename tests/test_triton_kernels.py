@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from captum_krypton import IncrementalOcclusion
-from captum_krypton.kernels import torch_ops, triton_importable
+from captum_krypton.kernels import choice, torch_ops, triton_importable
 from tests import models
 from tests.conftest import check_model
 
@@ -81,17 +81,19 @@ def test_compose_region_projects_into_nchw():
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-def test_engine_with_triton_kernels_matches_captum(exact_cuda_math):
+@pytest.mark.parametrize("conv", ["tile+conv", "implicit_gemm"])
+def test_engine_with_triton_kernels_matches_captum(conv, exact_cuda_math):
     model = models.small_cnn().to(DEVICE)
     inputs = torch.randn(2, 3, 12, 12, device=DEVICE)
-    check_model(
-        model,
-        inputs,
-        sliding_window_shapes=(3, 4, 4),
-        strides=4,
-        target=[1, 3],
-        options={"kernels": "triton"},
-    )
+    with choice.forced(conv):
+        check_model(
+            model,
+            inputs,
+            sliding_window_shapes=(3, 4, 4),
+            strides=4,
+            target=[1, 3],
+            options={"kernels": "triton"},
+        )
 
 
 def test_triton_and_torch_kernels_agree_on_resnet_block():
@@ -103,3 +105,67 @@ def test_triton_and_torch_kernels_agree_on_resnet_block():
     with_torch = occlusion.attribute(inputs, kernels="torch", **args)
     with_triton = occlusion.attribute(inputs, kernels="triton", **args)
     torch.testing.assert_close(with_triton, with_torch, rtol=0, atol=1e-6)
+
+
+CONV_CASES = [
+    # ndim, map, out box, box, C_in, C_out, kernel, stride, dilation
+    (2, (9, 11), (3, 4), (3, 6), 3, 5, (3, 3), (1, 1), (1, 1)),
+    (2, (10, 9), (4, 3), (2, 2), 7, 33, (3, 3), (2, 2), (1, 1)),  # stride 2
+    (2, (8, 8), (3, 3), (4, 3), 4, 6, (3, 2), (1, 1), (2, 2)),  # dilation, odd kernel
+    (2, (7, 7), (7, 7), (7, 7), 17, 20, (1, 1), (1, 1), (1, 1)),  # 1x1 over the whole map
+    (1, (17,), (5,), (4,), 6, 4, (5,), (3,), (1,)),
+    (3, (5, 6, 4), (2, 3, 2), (2, 3, 2), 3, 4, (3, 3, 3), (1, 2, 1), (1, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("with_box", [False, True])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_conv_region_matches_reference(case, with_box, activation, exact_cuda_math):
+    ndim, map_size, out_size, box_size, c_in, c_out, kernel, stride, dilation = case
+    generator = torch.Generator().manual_seed(sum(map_size) + c_out)
+    rows, examples = 5, 2
+    view = torch.randn((examples, c_in, *map_size), generator=generator).to(DEVICE)
+    view = view.movedim(1, -1).contiguous().movedim(-1, 1)
+    example = (torch.arange(rows) % examples).to(DEVICE)
+    # Read-in origins may start before the map (padding) or run past its end.
+    starts = torch.stack(
+        [torch.randint(-2, m - 1, (rows,), generator=generator) for m in map_size], 1
+    ).to(DEVICE)
+    box = box_starts = None
+    if with_box:
+        box = torch.randn((rows, c_in, *box_size), generator=generator).to(DEVICE)
+        box_starts = torch.stack(
+            [
+                torch.randint(0, m - b + 1, (rows,), generator=generator)
+                for m, b in zip(map_size, box_size)
+            ],
+            1,
+        ).to(DEVICE)
+    weight = torch.randn((c_out, c_in, *kernel), generator=generator).to(DEVICE)
+    bias = torch.randn(c_out, generator=generator).to(DEVICE)
+    args = (view, example, starts, out_size, weight, bias, stride, dilation, box, box_starts)
+    expected = torch_ops.conv_region(*args, activation=activation)
+    actual = _conv_ops().conv_region(*args, activation=activation)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_region_without_bias_in_half_precision():
+    if DEVICE == "cpu":
+        pytest.skip("the interpreter has no half-precision dot")
+    generator = torch.Generator().manual_seed(3)
+    view = torch.randn((1, 16, 9, 9), generator=generator).to(DEVICE, torch.float16)
+    example = torch.zeros(4, dtype=torch.long, device=DEVICE)
+    starts = torch.tensor([[-1, -1], [0, 2], [5, 5], [3, -1]], device=DEVICE)
+    weight = torch.randn((8, 16, 3, 3), generator=generator).to(DEVICE, torch.float16)
+    args = (view, example, starts, (4, 4), weight, None, (1, 1), (1, 1))
+    expected = torch_ops.conv_region(*args)
+    actual = _conv_ops().conv_region(*args)
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)
+
+
+def _conv_ops():
+    from captum_krypton.kernels import triton_conv
+
+    return triton_conv

@@ -16,7 +16,7 @@ from torch import fx
 
 from captum_krypton.graph.capture import mutates_first_argument, run_node
 from captum_krypton.graph.plan import RegionPlan
-from captum_krypton.kernels import torch_ops, triton_module
+from captum_krypton.kernels import choice, torch_ops, triton_conv_module, triton_module
 
 
 class Views:
@@ -141,6 +141,34 @@ class BatchRun:
             box = self.values[node].movedim(1, -1)
             tile = torch_ops.overlay_box(tile, starts, box, self.starts(node))
         return tile.movedim(-1, 1)
+
+    def boxed(self, node: fx.Node) -> bool:
+        return self.plan.nodes[node].mode == "box"
+
+    def conv_region(
+        self, node: fx.Node, starts: torch.Tensor, out_size: tuple[int, ...], spec: Any
+    ) -> torch.Tensor:
+        """A conv over node's values read from (box | view | zero) at `starts` (map
+        coordinates of each row's read-in origin), without building the tile."""
+        boxed = self.boxed(node)
+        return triton_conv_module().conv_region(
+            self.views.channels_last(node).movedim(-1, 1),
+            self.example,
+            starts,
+            out_size,
+            spec.weight,
+            spec.bias,
+            spec.window.stride,
+            spec.window.dilation,
+            self.values[node] if boxed else None,
+            self.starts(node) if boxed else None,
+            spec.activation,
+            spec.gemm_weight,
+        )
+
+    def fastest(self, key: Any, candidates: dict[str, Callable[[], Any]]) -> Any:
+        """The candidate measured fastest for this shape (see kernels.choice)."""
+        return choice.fastest(key, candidates, self.device)
 
     def read_at(self, node: fx.Node, target: fx.Node) -> torch.Tensor:
         """Node's values over target's box (the box itself when they coincide)."""

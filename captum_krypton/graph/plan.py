@@ -172,14 +172,16 @@ def check_ops(captured: CapturedGraph) -> None:
 
 
 def _fuse_into_producers(nodes: dict[fx.Node, NodePlan]) -> None:
-    """A box node whose producer's rule can absorb it (conv + eval BatchNorm) is
-    computed by the producer: one pass over the tile fewer."""
+    """A box node whose producer's rule can absorb it (conv + eval BatchNorm + ReLU)
+    is computed by the producer: one pass over the tile fewer per absorbed op."""
+    computed_by: dict[fx.Node, NodePlan] = {}
     for plan in nodes.values():
         source = plan.node.args[0] if plan.node.args else None
-        producer = nodes.get(source) if isinstance(source, fx.Node) else None
+        if not isinstance(source, fx.Node) or source not in nodes:
+            continue
+        producer = computed_by.get(source, nodes[source])
         if (
             plan.mode != "box"
-            or producer is None
             or producer.mode != "box"
             or len(source.users) != 1
             or not producer.geometry.same_as(plan.geometry)
@@ -189,6 +191,7 @@ def _fuse_into_producers(nodes: dict[fx.Node, NodePlan]) -> None:
         if absorbed is not None:
             producer.spec = absorbed
             plan.rule = FUSED_RULE
+            computed_by[plan.node] = producer
 
 
 def build_plan(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from torch import fx, nn
 
 from captum_krypton.graph.capture import UnsupportedForIncremental
 from captum_krypton.graph.registry import FULL_RULE, Geometry, NodeInfo, OpRule, register
+from captum_krypton.kernels import conv_supports_implicit_gemm as triton_conv_supports
 
 if TYPE_CHECKING:  # pragma: no cover
     from captum_krypton.engine.executor import BatchRun
@@ -119,6 +122,26 @@ class ConvSpec:
     weight: torch.Tensor
     bias: torch.Tensor | None
     groups: int
+    activation: str | None = None  # a ReLU absorbed into the conv's epilogue
+
+    @functools.cached_property
+    def gemm_weight(self) -> torch.Tensor:
+        """The weight as the implicit-GEMM kernel reads it, made once."""
+        from captum_krypton.kernels.triton_conv import gemm_weight
+
+        return gemm_weight(self.weight)
+
+
+#: ReLU in its module, functional, in-place and method forms.
+_RELU_TARGETS = (F.relu, F.relu_, torch.relu, torch.relu_, "relu", "relu_")
+
+
+def _is_relu(info: NodeInfo) -> bool:
+    if info.module is not None:
+        return type(info.module) is nn.ReLU
+    return info.node.op in ("call_function", "call_method") and any(
+        info.node.target is t or info.node.target == t for t in _RELU_TARGETS
+    )
 
 
 class ConvRule(SlidingWindowRule):
@@ -171,9 +194,16 @@ class ConvRule(SlidingWindowRule):
         return ConvSpec(window, weight, bias, int(groups))
 
     def absorb(self, spec: ConvSpec, consumer: NodeInfo) -> ConvSpec | None:
-        """Fold an eval BatchNorm that follows the conv into its weight and bias."""
+        """Fold an eval BatchNorm that follows the conv into its weight and bias, and
+        a ReLU after them into the epilogue."""
+        if _is_relu(consumer) and spec.activation is None:
+            return dataclasses.replace(spec, activation="relu")
         bn = consumer.module
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+        if (
+            not isinstance(bn, nn.modules.batchnorm._BatchNorm)
+            or bn.running_mean is None
+            or spec.activation is not None
+        ):
             return None
         scale = torch.rsqrt(bn.running_var + bn.eps)
         if bn.weight is not None:
@@ -186,11 +216,52 @@ class ConvRule(SlidingWindowRule):
         return ConvSpec(spec.window, weight.detach(), bias.detach(), spec.groups)
 
     def run_box(self, run, info, spec):
-        tile = self.read_tile(run, info, spec)
-        conv = self._functional[tile.dim() - 2]
-        return conv(
-            tile, spec.weight, spec.bias, spec.window.stride, 0, spec.window.dilation, spec.groups
+        window = spec.window
+        out_size = run.size(info.node)
+        source = _first_arg(info)
+
+        def tile_then_conv():
+            tile = self.read_tile(run, info, spec)
+            conv = self._functional[tile.dim() - 2]
+            out = conv(tile, spec.weight, spec.bias, window.stride, 0, window.dilation, spec.groups)
+            return out.relu_() if spec.activation == "relu" else out
+
+        candidates = {"tile+conv": tile_then_conv}
+        if run.use_triton and run.device.type == "cuda" and spec.activation == "relu":
+
+            def tile_then_fused_conv():
+                tile = self.read_tile(run, info, spec)
+                return torch.cudnn_convolution_relu(
+                    tile,
+                    spec.weight,
+                    spec.bias,
+                    window.stride,
+                    [0] * len(out_size),
+                    window.dilation,
+                    spec.groups,
+                )
+
+            candidates["tile+conv_relu"] = tile_then_fused_conv
+        if run.use_triton and triton_conv_supports(spec.weight, spec.groups):
+
+            def implicit_gemm():
+                starts, _ = window.read_window(run.starts(info.node), out_size, run)
+                return run.conv_region(source, starts, out_size, spec)
+
+            candidates["implicit_gemm"] = implicit_gemm
+        key = (
+            "conv",
+            run.rows,
+            tuple(run.clean_value(source).shape[1:]),
+            run.plan.nodes[source].geometry.size if run.boxed(source) else None,
+            tuple(spec.weight.shape),
+            window,
+            out_size,
+            spec.activation,
+            spec.weight.dtype,
+            torch.backends.cudnn.allow_tf32,
         )
+        return run.fastest(key, candidates)
 
     def flops(self, info):
         spec = self.spec(info)

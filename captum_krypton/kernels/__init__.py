@@ -34,3 +34,15 @@ def triton_module():
     from captum_krypton.kernels import triton_ops
 
     return triton_ops
+
+
+def triton_conv_module():
+    """The implicit-GEMM Triton conv, imported on first use."""
+    from captum_krypton.kernels import triton_conv
+
+    return triton_conv
+
+
+def conv_supports_implicit_gemm(weight: torch.Tensor, groups: int) -> bool:
+    """Whether the implicit-GEMM Triton conv takes this conv (dense, fp32/fp16/bf16)."""
+    return groups == 1 and weight.dtype in (torch.float32, torch.float16, torch.bfloat16)

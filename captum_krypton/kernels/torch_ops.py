@@ -115,3 +115,36 @@ def compose_region(
     if out is None:
         return result
     return out.copy_(result)
+
+
+_CONV = {
+    1: torch.nn.functional.conv1d,
+    2: torch.nn.functional.conv2d,
+    3: torch.nn.functional.conv3d,
+}
+
+
+def conv_region(
+    view: torch.Tensor,
+    example: torch.Tensor,
+    starts: torch.Tensor,
+    out_size: Sequence[int],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    box: torch.Tensor | None = None,
+    box_starts: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """Torch reference of the Triton `conv_region`: read-in tile (box | view | zero)
+    at `starts`, an unpadded conv over it, bias, then the activation."""
+    extent = [(k - 1) * d + 1 for k, d in zip(weight.shape[2:], dilation)]
+    size = [(o - 1) * s + e for o, s, e in zip(out_size, stride, extent)]
+    tile = compose_region(view, example, starts, size, 0.0, box, box_starts)
+    out = _CONV[len(out_size)](tile, weight, bias, tuple(stride), 0, tuple(dilation))
+    if activation == "relu":
+        out = torch.relu_(out)
+    elif activation is not None:
+        raise ValueError(f"unknown activation {activation!r}")
+    return out
