@@ -32,7 +32,7 @@ from captum_krypton.graph.capture import (
     capture_cached,
     resolve_module,
 )
-from captum_krypton.graph.plan import DEFAULT_FULL_THRESHOLD, RegionPlan
+from captum_krypton.graph.plan import RegionPlan
 from captum_krypton.kernels import use_triton
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class IncrementalOcclusion(Occlusion):
         engine: Engine = "auto",
         max_memory: int | None = None,
         windows_per_batch: int | None = None,
-        full_threshold: float = DEFAULT_FULL_THRESHOLD,
+        full_threshold: float | None = None,
         kernels: Literal["auto", "torch", "triton"] = "auto",
         cuda_graphs: bool = False,
     ) -> TensorOrTupleOfTensorsGeneric:
@@ -121,8 +121,11 @@ class IncrementalOcclusion(Occlusion):
                 instead of falling back) or "captum" (always Captum's path).
             max_memory: bytes one window batch may use.
             windows_per_batch: fixed number of windows per batch.
-            full_threshold: a box covering this share of its feature map or more
-                is computed as the whole map (hybrid evaluation).
+            full_threshold: None (default): a cost model (FLOPs, bytes and launches,
+                with rates measured once per CUDA device) picks, over the whole
+                graph, which nodes run on boxes and which on whole maps. A number
+                replaces it: a box covering that share of its map or more is
+                computed whole.
             kernels: "auto" (Triton kernels on CUDA when triton is installed,
                 torch ops otherwise), "torch" or "triton".
             cuda_graphs: on CUDA, capture one window batch as a CUDA graph and
@@ -187,7 +190,7 @@ class IncrementalOcclusion(Occlusion):
         baselines: BaselineType = None,
         additional_forward_args: Any = None,
         *,
-        full_threshold: float = DEFAULT_FULL_THRESHOLD,
+        full_threshold: float | None = None,
     ) -> RegionPlan:
         """The region plan `attribute` would use: per layer the box, incremental or
         full, and FLOPs; `plan.summary()` prints it, `plan.theoretical_speedup` is the
@@ -228,7 +231,7 @@ class IncrementalOcclusion(Occlusion):
         baselines: BaselineType,
         additional_forward_args: Any,
         perturbations_per_eval: int,
-        full_threshold: float,
+        full_threshold: float | None,
     ) -> PreparedOcclusion:
         formatted = _format_tensor_into_tuples(inputs)
         formatted_strides = _format_and_verify_strides(strides, formatted)

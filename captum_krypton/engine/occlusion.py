@@ -19,7 +19,7 @@ from captum_krypton.graph.capture import (
     UnsupportedForIncremental,
     evaluate,
 )
-from captum_krypton.graph.plan import DEFAULT_FULL_THRESHOLD, RegionPlan, build_plan, check_ops
+from captum_krypton.graph.plan import PLANNING_ROWS, RegionPlan, build_plan, check_ops
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class PreparedOcclusion:
         baseline: Any,
         window: Sequence[int],
         strides: Sequence[int],
-        full_threshold: float = DEFAULT_FULL_THRESHOLD,
+        full_threshold: float | None = None,
     ) -> PreparedOcclusion:
         if inputs.dim() < 3:
             raise UnsupportedForIncremental("the input has no spatial dimensions")
@@ -107,7 +107,9 @@ class PreparedOcclusion:
                 "the output does not have one row per example (aggregated output)"
             )
         grid = WindowGrid(tuple(inputs.shape[1:]), tuple(window), tuple(strides))
-        plan = build_plan(captured, env, grid.input_geometry(), full_threshold)
+        examples = inputs.shape[0]
+        rows = max(1, min(grid.num_windows, PLANNING_ROWS // examples)) * examples
+        plan = build_plan(captured, env, grid.input_geometry(), full_threshold, rows)
         return cls(captured, inputs, baseline, grid, Views(env), plan, output)
 
     def windows_per_batch(self, memory_budget: int | None) -> int:

@@ -10,15 +10,16 @@ from torch import fx
 
 from captum_krypton.graph import rules  # noqa: F401  (fills the registry)
 from captum_krypton.graph.capture import CapturedGraph
+from captum_krypton.graph.cost import DeviceCosts, cheapest_full_set, device_costs
 from captum_krypton.graph.registry import FULL_RULE, Geometry, NodeInfo, OpRule, rule_for
 from captum_krypton.graph.rules import FUSED_RULE, describe_target
 
-#: A box covering at least this share of its map is computed whole instead:
-#: gathering tiles costs more than the few positions it saves.
-DEFAULT_FULL_THRESHOLD = 0.75
-#: A plan saving less than this factor of FLOPs is not worth its bookkeeping: the
+#: A plan saving less than this factor (of estimated time; of FLOPs when a
+#: coverage threshold replaces the cost model) is not worth its bookkeeping: the
 #: batch runs as plain re-inference of the whole model on occluded inputs.
 MIN_INCREMENTAL_GAIN = 1.15
+#: Rows per window batch the cost model assumes (the engine's CUDA batch bound).
+PLANNING_ROWS = 1024
 
 
 @dataclass
@@ -51,6 +52,11 @@ class RegionPlan:
     num_examples: int
     last_use: dict[fx.Node, int] = field(default_factory=dict)
     rerun_whole_model: bool = False
+    #: Estimated seconds per batch of `PLANNING_ROWS` rows: this plan's
+    #: incremental assignment and plain re-inference (None with a threshold).
+    estimated_seconds: float | None = None
+    estimated_full_seconds: float | None = None
+    costs: DeviceCosts | None = None
 
     @property
     def flops_full(self) -> float:
@@ -129,6 +135,12 @@ class RegionPlan:
         if len(shown) < len(table):
             lines.append(f"... {len(table) - len(shown)} more nodes")
         full_at = next((r["node"] for r in table if r["mode"] == "full"), None)
+        if self.estimated_seconds is not None and self.estimated_full_seconds is not None:
+            lines.append(
+                f"cost model ({self.costs.source}): estimated "
+                f"{self.estimated_full_seconds / self.estimated_seconds:.2f}x faster than "
+                "plain re-inference"
+            )
         if self.rerun_whole_model:
             lines.append(
                 f"the plan saves less than {MIN_INCREMENTAL_GAIN:.2f}x: windows run as "
@@ -194,21 +206,90 @@ def _fuse_into_producers(nodes: dict[fx.Node, NodePlan]) -> None:
             computed_by[plan.node] = producer
 
 
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of one row of a tensor value (0 for non-tensors)."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return 0
+    return value[0].numel() * value.element_size()
+
+
+def _node_costs(
+    plan: NodePlan, nodes: dict[fx.Node, NodePlan], rows: int, costs: DeviceCosts
+) -> tuple[float, float, float]:
+    """(incremental, full, projection) seconds of one node for a batch of `rows`."""
+    node, info = plan.node, plan.info
+    out_bytes = _tensor_bytes(info.value)
+    inputs = [a for a in node.all_input_nodes if nodes[a].mode != "none"]
+    in_bytes = sum(_tensor_bytes(nodes[a].info.value) for a in inputs)
+    if node.op == "output":
+        return float("inf"), 0.0, 0.0
+    if node.op == "placeholder":  # building the occluded inputs: boxes or whole images
+        full = costs.seconds(0, rows * 2 * out_bytes, 2)
+    else:
+        full = costs.seconds(rows * plan.flops_full, rows * (out_bytes + in_bytes), 1)
+    projection = costs.seconds(0, rows * 2 * out_bytes, 1)
+    geometry = plan.geometry
+    if plan.mode != "box" or geometry is None:
+        return float("inf"), full, projection
+    share = geometry.volume / max(geometry.map_volume, 1)
+    if node.op == "placeholder":
+        return costs.seconds(0, rows * 2 * out_bytes * share, 2), full, projection
+    read = plan.rule.read_volume(info, plan.spec, geometry)
+    moved = out_bytes * share
+    launches = 1
+    for arg in inputs:
+        per_position = _tensor_bytes(nodes[arg].info.value) / max(geometry.map_volume, 1)
+        if read != geometry.volume:  # a gathered tile: written, then read by the op
+            moved += 2 * read * per_position
+            launches = 2
+        else:
+            moved += read * per_position
+            launches += nodes[arg].mode == "box" and not nodes[arg].geometry.same_as(geometry)
+    incremental = costs.seconds(rows * plan.flops_full * share, rows * moved, launches)
+    return incremental, full, projection
+
+
+def _choose_full_nodes(
+    nodes: dict[fx.Node, NodePlan], order: list[fx.Node], rows: int, costs: DeviceCosts
+) -> tuple[set[fx.Node], float, float]:
+    """The cheapest set of nodes to run `full`, and the estimated seconds per batch
+    of that plan and of plain re-inference."""
+    incremental, full, projection = {}, {}, {}
+    for node in order:
+        incremental[node], full[node], projection[node] = _node_costs(
+            nodes[node], nodes, rows, costs
+        )
+    consumers = {n: [u for u in n.users if u in full] for n in order}
+    full_set = cheapest_full_set(incremental, full, projection, consumers)
+    planned = sum(full[n] if n in full_set else incremental[n] for n in order)
+    planned += sum(
+        projection[n]
+        for n in order
+        if n not in full_set and any(u in full_set for u in consumers[n])
+    )
+    return full_set, planned, sum(full.values())
+
+
 def build_plan(
     captured: CapturedGraph,
     env: dict[fx.Node, Any],
     input_geometry: Geometry,
-    full_threshold: float = DEFAULT_FULL_THRESHOLD,
+    full_threshold: float | None = None,
+    rows: int = PLANNING_ROWS,
 ) -> RegionPlan:
     """Plan every node from the clean run's values and the windows' input boxes.
 
-    Raises UnsupportedForIncremental when an op forces Captum's path (e.g. a
-    BatchNorm in training mode).
+    By default a cost model (graph/cost.py) picks, over the whole graph, the nodes
+    run `full`; `full_threshold` replaces it with a coverage rule (a box covering
+    that share of its map or more is computed whole). `rows` is the batch size
+    the cost model assumes. Raises UnsupportedForIncremental when an op forces
+    Captum's path (e.g. a BatchNorm in training mode).
     """
     _annotate(captured, env)
     nodes: dict[fx.Node, NodePlan] = {}
     order: list[fx.Node] = []
     num_examples = env[captured.input_node].shape[0]
+    threshold = float("inf") if full_threshold is None else full_threshold
     for node in captured.nodes:
         value = env[node]
         module = captured.module(node) if node.op == "call_module" else None
@@ -242,7 +323,7 @@ def build_plan(
                 geometry = rule.propagate(info, spec, in_geoms) if spec is not None else None
                 if geometry is None:
                     reason = f"{rule.name} cannot keep a box here"
-                elif geometry.volume >= full_threshold * geometry.map_volume:
+                elif geometry.volume >= threshold * geometry.map_volume:
                     reason = f"box covers {geometry.volume / geometry.map_volume:.0%} of the map"
                     geometry = None
             mode = "box" if geometry is not None else "full"
@@ -253,12 +334,6 @@ def build_plan(
             and node is not captured.input_node
         ):
             mode, geometry = "full", None
-        if mode == "none":
-            flops_incremental = 0.0
-        elif mode == "box" and geometry is not None:
-            flops_incremental = flops_full * geometry.volume / max(geometry.map_volume, 1)
-        else:
-            flops_incremental = flops_full
         nodes[node] = NodePlan(
             node=node,
             info=info,
@@ -268,11 +343,32 @@ def build_plan(
             geometry=geometry,
             reason=reason,
             flops_full=flops_full,
-            flops_incremental=flops_incremental,
-            row_bytes=_row_bytes(value, geometry) if mode != "none" else 0,
+            flops_incremental=0.0,
+            row_bytes=0,
         )
         if mode != "none":
             order.append(node)
+    costs = estimated = estimated_full = None
+    if full_threshold is None:
+        value = env[captured.input_node]
+        costs = device_costs(value.device, value.dtype)
+        full_set, estimated, estimated_full = _choose_full_nodes(nodes, order, rows, costs)
+        for node in order:
+            plan = nodes[node]
+            # Whole-model re-inference still builds its inputs from the input boxes.
+            if node in full_set and plan.mode == "box" and node is not captured.input_node:
+                plan.mode, plan.geometry = "full", None
+                plan.reason = "the cost model finds full evaluation cheaper"
+            elif plan.mode == "full" and not plan.reason and node.op != "output":
+                plan.reason = "an input is full"
+    for node in order:
+        plan = nodes[node]
+        if plan.mode == "box":
+            share = plan.geometry.volume / max(plan.geometry.map_volume, 1)
+            plan.flops_incremental = plan.flops_full * share
+        else:
+            plan.flops_incremental = plan.flops_full
+        plan.row_bytes = _row_bytes(plan.info.value, plan.geometry)
     _fuse_into_producers(nodes)
     last_use: dict[fx.Node, int] = {}
     for step, node in enumerate(order):
@@ -281,5 +377,16 @@ def build_plan(
     for step, node in enumerate(order):
         last_use.setdefault(node, step)
     plan = RegionPlan(captured, nodes, order, num_examples, last_use)
-    plan.rerun_whole_model = plan.theoretical_speedup < MIN_INCREMENTAL_GAIN
+    plan.costs, plan.estimated_seconds, plan.estimated_full_seconds = (
+        costs,
+        estimated,
+        estimated_full,
+    )
+    if estimated is not None:
+        plan.rerun_whole_model = (
+            nodes[captured.input_node].mode == "full"
+            or estimated_full < MIN_INCREMENTAL_GAIN * estimated
+        )
+    else:
+        plan.rerun_whole_model = plan.theoretical_speedup < MIN_INCREMENTAL_GAIN
     return plan

@@ -87,6 +87,10 @@ class OpRule:
         box), or None when this op cannot take it in."""
         return None
 
+    def read_volume(self, info: NodeInfo, spec: Any, geometry: Geometry) -> int:
+        """Input positions read per row to compute the box (for the cost model)."""
+        return geometry.volume
+
     def run_box(self, run: BatchRun, info: NodeInfo, spec: Any) -> torch.Tensor:
         raise NotImplementedError
 

@@ -100,6 +100,12 @@ class SlidingWindowRule(OpRule):
             return None
         return spec.window.grow(geom, info.spatial_shape)
 
+    def read_volume(self, info, spec, geometry):
+        window = spec.window
+        return math.prod(
+            (z - 1) * s + e for z, s, e in zip(geometry.size, window.stride, window.extent)
+        )
+
     def read_tile(self, run: BatchRun, info: NodeInfo, spec: Any) -> torch.Tensor:
         out_starts = run.starts(info.node)
         out_size = run.size(info.node)

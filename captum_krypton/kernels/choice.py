@@ -19,6 +19,7 @@ T = TypeVar("T")
 #: Timed runs per candidate after its warm-up.
 TIMED_RUNS = 3
 _chosen: dict[Hashable, str] = {}
+_timings: dict[Hashable, dict[str, float]] = {}
 _forced: list[str] = []
 
 
@@ -27,9 +28,9 @@ def chosen(key: Hashable) -> str | None:
     return _chosen.get(key)
 
 
-def choices() -> dict[Hashable, str]:
-    """Every measured choice so far (for benchmarks and reports)."""
-    return dict(_chosen)
+def measurements() -> dict[Hashable, dict[str, float]]:
+    """Milliseconds per run of every candidate measured so far, by shape key."""
+    return {key: dict(times) for key, times in _timings.items()}
 
 
 @contextlib.contextmanager
@@ -72,7 +73,8 @@ def fastest(key: Hashable, candidates: dict[str, Callable[[], T]], device: torch
             results[name] = run()
         end.record()
         end.synchronize()
-        times[name] = start.elapsed_time(end)
+        times[name] = start.elapsed_time(end) / TIMED_RUNS
+    _timings[key] = times
     best = min(times, key=times.__getitem__)
     _chosen[key] = best
     return results[best]

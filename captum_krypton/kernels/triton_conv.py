@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from captum_krypton.kernels.triton_ops import MAX_DIMS, _padded3, _starts3, _strides3
 
@@ -95,7 +96,12 @@ def _conv_region_kernel(
         box2 = tl.load(box_starts_ptr + row * 3 + 2, mask=m_ok, other=0)
     k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(kernel0 * kernel1 * kernel2):
+    channel_blocks = tl.cdiv(channels_in, BLOCK_K)
+    # One flat loop over (kernel tap, channel block), so the compiler can pipeline
+    # the loads of the next step under the current dot.
+    for step in range(kernel0 * kernel1 * kernel2 * channel_blocks):
+        tap = step // channel_blocks
+        c = (step % channel_blocks) * BLOCK_K + k
         k2 = tap % kernel2
         k1 = (tap // kernel2) % kernel1
         k0 = tap // (kernel2 * kernel1)
@@ -104,35 +110,33 @@ def _conv_region_kernel(
         c2 = origin2 + k2 * dil2
         in_map = m_ok & (c0 >= 0) & (c0 < map0) & (c1 >= 0) & (c1 < map1)
         in_map = in_map & (c2 >= 0) & (c2 < map2)
-        view_at = example * view_sn + c0 * view_s0 + c1 * view_s1 + c2 * view_s2
+        c_ok = c < channels_in
         if HAS_BOX:
             b0 = c0 - box0
             b1 = c1 - box1
             b2 = c2 - box2
             in_box = m_ok & (b0 >= 0) & (b0 < bsize0) & (b1 >= 0) & (b1 < bsize1)
             in_box = in_box & (b2 >= 0) & (b2 < bsize2)
-            box_at = row * box_sr + b0 * box_s0 + b1 * box_s1 + b2 * box_s2
             in_map = in_map & ~in_box
-        for first in range(0, channels_in, BLOCK_K):
-            c = first + k
-            c_ok = c < channels_in
-            a_mask = in_map[:, None] & c_ok[None, :]
-            a = tl.load(
-                view_ptr + view_at[:, None] + c[None, :].to(tl.int64) * view_sc,
-                mask=a_mask,
+        view_at = example * view_sn + c0 * view_s0 + c1 * view_s1 + c2 * view_s2
+        a_mask = in_map[:, None] & c_ok[None, :]
+        a = tl.load(
+            view_ptr + view_at[:, None] + c[None, :].to(tl.int64) * view_sc,
+            mask=a_mask,
+            other=0.0,
+        )
+        if HAS_BOX:
+            box_at = row * box_sr + b0 * box_s0 + b1 * box_s1 + b2 * box_s2
+            box_mask = in_box[:, None] & c_ok[None, :]
+            from_box = tl.load(
+                box_ptr + box_at[:, None] + c[None, :].to(tl.int64) * box_sc,
+                mask=box_mask,
                 other=0.0,
             )
-            if HAS_BOX:
-                box_mask = in_box[:, None] & c_ok[None, :]
-                from_box = tl.load(
-                    box_ptr + box_at[:, None] + c[None, :].to(tl.int64) * box_sc,
-                    mask=box_mask,
-                    other=0.0,
-                )
-                a = tl.where(box_mask, from_box, a)
-            w_at = (tap * channels_in + c)[:, None].to(tl.int64) * channels_out + n[None, :]
-            w = tl.load(weight_ptr + w_at, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            a = tl.where(box_mask, from_box, a)
+        w_at = (tap * channels_in + c)[:, None].to(tl.int64) * channels_out + n[None, :]
+        w = tl.load(weight_ptr + w_at, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if RELU:
@@ -144,6 +148,31 @@ def _conv_region_kernel(
         acc.to(out_ptr.dtype.element_ty),
         mask=m_ok[:, None] & n_ok[None, :],
     )
+
+
+#: Tile shapes tried on CUDA (per distinct channel counts and GEMM height).
+_CUDA_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (128, 128, 8, 3),
+        (128, 64, 4, 3),
+        (64, 128, 4, 3),
+        (64, 64, 4, 4),
+        (128, 32, 4, 4),
+    ]
+]
+
+
+def _quick_bench(fn, quantiles=None):
+    """Short timings: a tile shape is chosen per layer shape on the first batch."""
+    return triton.testing.do_bench(fn, warmup=1, rep=5, quantiles=quantiles)
+
+
+_conv_region_tuned = triton.autotune(
+    _CUDA_CONFIGS,
+    key=["channels_in", "channels_out", "total", "kernel0", "kernel1", "kernel2"],
+    do_bench=_quick_bench,
+)(_conv_region_kernel)
 
 
 def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -195,11 +224,18 @@ def conv_region(
     w = gemm_weight(weight) if gemm_weight_ is None else gemm_weight_
     has_box = box is not None
     box_arg = box if has_box else view
-    block_m = 64
-    block_n = min(128, max(16, triton.next_power_of_2(channels_out)))
-    block_k = min(32, max(16, triton.next_power_of_2(channels_in)))
-    grid = (triton.cdiv(total, block_m), triton.cdiv(channels_out, block_n))
-    _conv_region_kernel[grid](
+    if view.is_cuda:
+        kernel, blocks = _conv_region_tuned, {}
+
+        def grid(meta):
+            return (
+                triton.cdiv(total, meta["BLOCK_M"]),
+                triton.cdiv(channels_out, meta["BLOCK_N"]),
+            )
+    else:  # Triton's interpreter: one small tile shape
+        kernel, blocks = _conv_region_kernel, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
+        grid = (triton.cdiv(total, 32), triton.cdiv(channels_out, 16))
+    kernel[grid](
         out,
         view,
         box_arg,
@@ -225,9 +261,6 @@ def conv_region(
         HAS_BIAS=bias is not None,
         RELU=activation == "relu",
         PRECISION=_precision(view.dtype),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=4,
+        **blocks,
     )
     return out
