@@ -24,10 +24,13 @@ class Views:
     and device copies of per-window offsets, made once per attribution so that
     window batches never wait on host-to-device copies."""
 
-    def __init__(self, env: dict[fx.Node, Any]):
+    def __init__(self, env: dict[fx.Node, Any], device_arrays: dict | None = None):
         self.env = env
         self._channels_last: dict[tuple, torch.Tensor] = {}
-        self._device_arrays: dict[tuple, torch.Tensor] = {}
+        # Offsets depend on the plan only: a reused plan brings its device copies.
+        self._device_arrays: dict[tuple, torch.Tensor] = (
+            {} if device_arrays is None else device_arrays
+        )
 
     def device_array(self, key: Any, array: np.ndarray, device: torch.device) -> torch.Tensor:
         """`array` on `device`, copied once under `key`."""

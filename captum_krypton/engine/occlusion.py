@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,12 +37,32 @@ MAX_CUDA_ROWS = 1024
 MAX_CUDA_ROWS_WHOLE_MODEL = 256
 
 
+#: Plans kept per traced model (a plan is reused while the input shape, window,
+#: strides and the model's parameters stay the same).
+MAX_CACHED_PLANS = 4
+
+
 def default_memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return (free + cached) // 2
     return DEFAULT_CPU_MEMORY
+
+
+@contextlib.contextmanager
+def _cudnn_autotuning(device: torch.device) -> Iterator[None]:
+    """cuDNN's algorithm search for the window batches, whose shapes repeat from
+    batch to batch (bounded power-of-two sizes); the caller's setting is restored."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def _check_baseline(inputs: torch.Tensor, baseline: Any) -> None:
@@ -109,8 +130,25 @@ class PreparedOcclusion:
         grid = WindowGrid(tuple(inputs.shape[1:]), tuple(window), tuple(strides))
         examples = inputs.shape[0]
         rows = max(1, min(grid.num_windows, PLANNING_ROWS // examples)) * examples
-        plan = build_plan(captured, env, grid.input_geometry(), full_threshold, rows)
-        return cls(captured, inputs, baseline, grid, Views(env), plan, output)
+        key = (
+            tuple(inputs.shape),
+            inputs.dtype,
+            inputs.device,
+            tuple(window),
+            tuple(strides),
+            full_threshold,
+            rows,
+            torch.backends.cudnn.allow_tf32,
+            captured.state_key(),
+        )
+        plan = captured.plans.get(key)
+        if plan is None or not plan.fits(env):
+            plan = build_plan(captured, env, grid.input_geometry(), full_threshold, rows)
+            plan.release_values()
+            while len(captured.plans) >= MAX_CACHED_PLANS:
+                captured.plans.pop(next(iter(captured.plans)))
+            captured.plans[key] = plan
+        return cls(captured, inputs, baseline, grid, Views(env, plan.device_arrays), plan, output)
 
     def windows_per_batch(self, memory_budget: int | None) -> int:
         budget = memory_budget or default_memory_budget(self.inputs.device)
@@ -159,6 +197,23 @@ class PreparedOcclusion:
             dtype=flat_initial.dtype,
             device=flat_initial.device,
         )
+        with _cudnn_autotuning(self.inputs.device):
+            self._run_batches(target, windows_per_batch, flat_initial, diffs, on_batch)
+        total, count = self.grid.accumulate(diffs)
+        # As Captum: the sum in the output's dtype, divided by counts in float32.
+        result = total.to(flat_initial.dtype).float() / count.float()
+        return result.to(self.inputs.device)
+
+    def _run_batches(
+        self,
+        target: TargetType,
+        windows_per_batch: int,
+        flat_initial: torch.Tensor,
+        diffs: torch.Tensor,
+        on_batch: Callable[[int], None] | None,
+    ) -> None:
+        """Fill `diffs` (windows x outputs) batch by batch."""
+        num_outputs = flat_initial.shape[1]
         graphed: GraphedBatch | None = None
         first = 0
         while first < self.grid.num_windows:
@@ -186,10 +241,6 @@ class PreparedOcclusion:
             first += count
             if on_batch is not None:
                 on_batch(count)
-        total, count = self.grid.accumulate(diffs)
-        # As Captum: the sum in the output's dtype, divided by counts in float32.
-        result = total.to(flat_initial.dtype).float() / count.float()
-        return result.to(self.inputs.device)
 
 
 class GraphedBatch:

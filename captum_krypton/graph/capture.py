@@ -10,6 +10,7 @@ model each time they run.
 from __future__ import annotations
 
 import inspect
+import itertools
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,20 @@ class CapturedGraph:
     output_node: fx.Node
     depends_on_input: set[fx.Node] = field(default_factory=set)
     batch_aligned: set[fx.Node] = field(default_factory=set)
+    #: Region plans made for this trace, by what they depend on (engine/occlusion.py).
+    plans: dict[tuple, Any] = field(default_factory=dict)
+
+    def state_key(self) -> tuple:
+        """Identity, storage and in-place version of every parameter, buffer and
+        tensor argument: a plan holds values derived from them (e.g. folded
+        BatchNorm). Writes through `.data` bypass the version counter; after such
+        writes, pass the model to a new IncrementalOcclusion."""
+        tensors = itertools.chain(
+            self.root.parameters(),
+            self.root.buffers(),
+            (v for v in self.placeholder_values.values() if isinstance(v, torch.Tensor)),
+        )
+        return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.root.get_submodule(node.target)

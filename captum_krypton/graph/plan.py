@@ -57,6 +57,43 @@ class RegionPlan:
     estimated_seconds: float | None = None
     estimated_full_seconds: float | None = None
     costs: DeviceCosts | None = None
+    #: Per-window offsets on the device, made once per plan (executor.Views).
+    device_arrays: dict = field(default_factory=dict)
+
+    def fits(self, env: dict[fx.Node, Any]) -> bool:
+        """Whether a clean run's values have the shapes this plan was made for."""
+        for node, node_plan in self.nodes.items():
+            planned, value = node_plan.info.value, env.get(node)
+            if isinstance(planned, torch.Tensor):
+                if not (
+                    isinstance(value, torch.Tensor)
+                    and value.shape == planned.shape
+                    and value.dtype == planned.dtype
+                ):
+                    return False
+            elif type(value) is not type(planned):
+                return False
+        return True
+
+    def release_values(self) -> None:
+        """Keep only shapes of the activations the plan was made from (meta tensors),
+        so a reused plan does not hold a clean run's memory."""
+        activations = self.captured.depends_on_input | self.captured.batch_aligned
+
+        def lighten(value: Any) -> Any:
+            return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+        def argument(node: fx.Node) -> Any:
+            value = self.nodes[node].info.value
+            return lighten(value) if node in activations else value
+
+        for node, node_plan in self.nodes.items():
+            info = node_plan.info
+            info.args = fx.node.map_arg(node.args, argument)
+            info.kwargs = fx.node.map_arg(node.kwargs, argument)
+        for node, node_plan in self.nodes.items():
+            if node in activations:
+                node_plan.info.value = lighten(node_plan.info.value)
 
     @property
     def flops_full(self) -> float:

@@ -442,9 +442,12 @@ class PointwiseRule(OpRule):
         tile = run.read_at(source, info.node)
         if run.mutates(info.node):
             tile = run.owned(source, tile)
-        args = (tile, *info.args[1:]) if info.node.args else info.args
-        kwargs = dict(info.kwargs)
-        if not info.node.args:
+        # Other operands (parameters, constants) as this call's clean run has them.
+        args = fx.node.map_arg(info.node.args, run.clean_value)
+        kwargs = dict(fx.node.map_arg(info.node.kwargs, run.clean_value))
+        if info.node.args:
+            args = (tile, *args[1:])
+        else:
             kwargs["input"] = tile
         return run.call(info.node, args, kwargs)
 
