@@ -60,3 +60,70 @@ def test_cuda_graph_replay_equals_eager(exact_cuda_math):
         target=[0, 5],
         options={"windows_per_batch": 16},
     )
+
+
+BENCHMARK_MODELS = {
+    "vgg16": 224,
+    "resnet18": 224,
+    "resnet50": 224,
+    "inception_v3": 299,
+    "mobilenet_v2": 224,
+    "efficientnet_b0": 224,
+}
+#: With TF32 (PyTorch's default for cuDNN convolutions) both Captum and the engine
+#: round conv inputs to 10-bit mantissas, in different orders: attributions agree
+#: to this share of max(|map|, |output|).
+TF32_TOLERANCE = 5e-2
+
+
+def _benchmark_model(name):
+    extra = {"init_weights": False, "aux_logits": False} if name == "inception_v3" else {}
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(weights=None, **extra).eval().cuda()
+
+
+@pytest.mark.parametrize("name", list(BENCHMARK_MODELS))
+def test_benchmark_models_match_captum_without_tf32(name, exact_cuda_math):
+    size = BENCHMARK_MODELS[name]
+    inputs = torch.randn(1, 3, size, size, device="cuda")
+    check_model(
+        _benchmark_model(name),
+        inputs,
+        sliding_window_shapes=(3, 16, 16),
+        strides=12,
+        target=0,
+        ppe=256,
+    )
+
+
+@pytest.mark.parametrize("name", list(BENCHMARK_MODELS))
+def test_benchmark_models_match_captum_with_default_settings(name):
+    size = BENCHMARK_MODELS[name]
+    inputs = torch.randn(1, 3, size, size, device="cuda")
+    expected, actual = check_model(
+        _benchmark_model(name),
+        inputs,
+        sliding_window_shapes=(3, 16, 16),
+        strides=12,
+        target=0,
+        ppe=256,
+        tolerance=TF32_TOLERANCE,
+    )
+    scale = expected.abs().max().item()
+    print(f"{name}: max deviation {(actual - expected).abs().max().item() / scale:.2e} of the map")
+
+
+def test_fastest_measures_once_and_drops_failing_candidates():
+    from captum_krypton.kernels import choice
+
+    x = torch.randn(64, 64, device="cuda")
+    key = ("test", 64)
+
+    def broken():
+        raise RuntimeError("no kernel for this shape")
+
+    first = choice.fastest(key, {"matmul": lambda: x @ x, "broken": broken}, x.device)
+    assert choice.chosen(key) == "matmul"
+    assert set(choice.measurements()[key]) == {"matmul"}
+    again = choice.fastest(key, {"matmul": lambda: x @ x, "broken": broken}, x.device)
+    torch.testing.assert_close(first, again)
