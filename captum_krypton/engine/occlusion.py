@@ -153,10 +153,6 @@ class PreparedOcclusion:
     def windows_per_batch(self, memory_budget: int | None) -> int:
         budget = memory_budget or default_memory_budget(self.inputs.device)
         num_examples = self.inputs.shape[0]
-        if self.inputs.device.type == "cuda" and memory_budget is None:
-            # No more memory than plain re-inference at its own batch size.
-            naive = MAX_CUDA_ROWS_WHOLE_MODEL * self.plan.peak_row_bytes(reinference=True)
-            budget = min(budget, naive)
         windows = budget // (self.plan.peak_row_bytes() * num_examples)
         if self.inputs.device.type == "cuda":
             rows = MAX_CUDA_ROWS_WHOLE_MODEL if self.plan.rerun_whole_model else MAX_CUDA_ROWS

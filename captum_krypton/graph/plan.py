@@ -110,17 +110,14 @@ class RegionPlan:
             return 1.0
         return self.flops_full / max(self.flops_incremental, 1.0)
 
-    def peak_row_bytes(self, reinference: bool = False) -> int:
-        """Largest memory live at once for one row (one window of one example):
-        in this plan, or (`reinference`) in plain re-inference of every node."""
+    def peak_row_bytes(self) -> int:
+        """Largest memory live at once for one row (one window of one example)."""
         live: dict[fx.Node, int] = {}
         peak = 0
         for step, node in enumerate(self.order):
             plan = self.nodes[node]
             temp = 0
-            if reinference:
-                live[node] = _tensor_bytes(plan.info.value)
-            elif plan.mode == "full":
+            if plan.mode == "full":
                 temp = sum(
                     self.nodes[a].info.value[0].numel() * self.nodes[a].info.value.element_size()
                     for a in node.all_input_nodes
@@ -128,8 +125,7 @@ class RegionPlan:
                 )
             elif plan.mode == "box":
                 temp = 2 * sum(live.get(a, 0) for a in node.all_input_nodes)
-            if not reinference:
-                live[node] = plan.row_bytes
+            live[node] = plan.row_bytes
             peak = max(peak, sum(live.values()) + temp)
             for done in [n for n in live if self.last_use.get(n, step) <= step]:
                 del live[done]

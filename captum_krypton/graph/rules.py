@@ -257,7 +257,7 @@ class ConvRule(SlidingWindowRule):
             candidates["implicit_gemm"] = implicit_gemm
         key = (
             "conv",
-            run.rows,
+            1 << (run.rows - 1).bit_length(),  # a partial last batch shares the choice
             tuple(run.clean_value(source).shape[1:]),
             run.plan.nodes[source].geometry.size if run.boxed(source) else None,
             tuple(spec.weight.shape),

@@ -23,7 +23,33 @@ from captum_krypton.kernels.triton_ops import MAX_DIMS, _padded3, _starts3, _str
 ACTIVATIONS = (None, "relu")
 
 
-@triton.jit
+#: Sizes and offsets vary from layer to layer; specializing on them (value 1,
+#: multiples of 16) would compile a kernel per layer. Channel counts and memory
+#: strides stay specialized: they decide vectorized loads.
+_VARYING = [
+    "total",
+    "positions",
+    "size1",
+    "size2",
+    "kernel0",
+    "kernel1",
+    "kernel2",
+    "stride0",
+    "stride1",
+    "stride2",
+    "dil0",
+    "dil1",
+    "dil2",
+    "map0",
+    "map1",
+    "map2",
+    "bsize0",
+    "bsize1",
+    "bsize2",
+]
+
+
+@triton.jit(do_not_specialize=_VARYING)
 def _conv_region_kernel(
     out_ptr,
     view_ptr,

@@ -19,7 +19,20 @@ import triton.language as tl
 MAX_DIMS = 3
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=[
+        "positions",
+        "position_blocks",
+        "size1",
+        "size2",
+        "map0",
+        "map1",
+        "map2",
+        "bsize0",
+        "bsize1",
+        "bsize2",
+    ]
+)
 def _compose_region_kernel(
     out_ptr,
     view_ptr,
