@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import check_model
+from tests.conftest import FP32_TOLERANCE, check_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -70,10 +70,12 @@ BENCHMARK_MODELS = {
     "mobilenet_v2": 224,
     "efficientnet_b0": 224,
 }
-#: With TF32 (PyTorch's default for cuDNN convolutions) both Captum and the engine
-#: round conv inputs to 10-bit mantissas, in different orders: attributions agree
-#: to this share of max(|map|, |output|).
-TF32_TOLERANCE = 5e-2
+#: With TF32 (PyTorch's default for cuDNN convolutions) conv inputs are rounded
+#: to 10-bit mantissas, and how the rounding errors add up depends on the
+#: algorithm cuDNN picks for each batch shape: Captum's own result moves when
+#: only perturbations_per_eval changes. Ours must stay within this many times
+#: that movement (or within the fp32 tolerance when Captum does not move).
+TF32_NOISE_FACTOR = 4.0
 
 
 def _benchmark_model(name):
@@ -98,19 +100,23 @@ def test_benchmark_models_match_captum_without_tf32(name, exact_cuda_math):
 
 @pytest.mark.parametrize("name", list(BENCHMARK_MODELS))
 def test_benchmark_models_match_captum_with_default_settings(name):
+    from captum.attr import Occlusion
+
+    from captum_krypton import IncrementalOcclusion
+
     size = BENCHMARK_MODELS[name]
+    model = _benchmark_model(name)
     inputs = torch.randn(1, 3, size, size, device="cuda")
-    expected, actual = check_model(
-        _benchmark_model(name),
-        inputs,
-        sliding_window_shapes=(3, 16, 16),
-        strides=12,
-        target=0,
-        ppe=256,
-        tolerance=TF32_TOLERANCE,
-    )
-    scale = expected.abs().max().item()
-    print(f"{name}: max deviation {(actual - expected).abs().max().item() / scale:.2e} of the map")
+    args = dict(sliding_window_shapes=(3, 16, 16), strides=12, target=0)
+    captum_256 = Occlusion(model).attribute(inputs, perturbations_per_eval=256, **args)
+    captum_64 = Occlusion(model).attribute(inputs, perturbations_per_eval=64, **args)
+    ours = IncrementalOcclusion(model).attribute(inputs, **args)
+    with torch.no_grad():
+        scale = max(captum_256.abs().max().item(), model(inputs).abs().max().item())
+    noise = (captum_64 - captum_256).abs().max().item() / scale
+    deviation = (ours - captum_256).abs().max().item() / scale
+    print(f"{name}: deviation {deviation:.2e}, Captum's own {noise:.2e} (of the scale)")
+    assert deviation <= max(TF32_NOISE_FACTOR * noise, FP32_TOLERANCE)
 
 
 def test_fastest_measures_once_and_drops_failing_candidates():
