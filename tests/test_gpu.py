@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import FP32_TOLERANCE, check_model
+from tests.conftest import check_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -71,15 +71,16 @@ BENCHMARK_MODELS = {
     "efficientnet_b0": 224,
 }
 #: With TF32 (PyTorch's default for cuDNN convolutions) conv inputs are rounded
-#: to 10-bit mantissas, and how the rounding errors add up depends on the
-#: algorithm cuDNN picks for each batch shape: Captum's own result moves when
-#: only perturbations_per_eval changes. Ours must stay within this many times
-#: that movement (or within the fp32 tolerance when Captum does not move).
-TF32_NOISE_FACTOR = 4.0
+#: to 10-bit mantissas (relative error up to 2^-11 = 4.9e-4 per rounding), and how
+#: the errors add up depends on the algorithm picked for each batch shape. Results
+#: agree with Captum's to this share of max(|map|, |output|).
+TF32_TOLERANCE = 2e-3
 
 
 def _benchmark_model(name):
-    extra = {"init_weights": False, "aux_logits": False} if name == "inception_v3" else {}
+    # Inception with torchvision's own weight init: with PyTorch's default init its
+    # output does not move under occlusion, which would make the check empty.
+    extra = {"init_weights": True, "aux_logits": False} if name == "inception_v3" else {}
     torch.manual_seed(0)
     return getattr(torchvision.models, name)(weights=None, **extra).eval().cuda()
 
@@ -116,7 +117,8 @@ def test_benchmark_models_match_captum_with_default_settings(name):
     noise = (captum_64 - captum_256).abs().max().item() / scale
     deviation = (ours - captum_256).abs().max().item() / scale
     print(f"{name}: deviation {deviation:.2e}, Captum's own {noise:.2e} (of the scale)")
-    assert deviation <= max(TF32_NOISE_FACTOR * noise, FP32_TOLERANCE)
+    assert captum_256.abs().max() > 0  # the model's output moves under occlusion
+    assert deviation <= TF32_TOLERANCE
 
 
 def test_fastest_measures_once_and_drops_failing_candidates():
