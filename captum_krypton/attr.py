@@ -72,6 +72,11 @@ def _verify_windows(
     return tuple(per_dim)
 
 
+def _check_tau(tau: float) -> None:
+    if not isinstance(tau, (int, float)) or not 0 < tau <= 1:
+        raise ValueError(f"tau must be in (0, 1], not {tau!r}")
+
+
 class IncrementalOcclusion(Occlusion):
     """Drop-in for `captum.attr.Occlusion` with the same results, computed incrementally.
 
@@ -105,6 +110,7 @@ class IncrementalOcclusion(Occlusion):
         full_threshold: float | None = None,
         kernels: Literal["auto", "torch", "triton"] = "auto",
         cuda_graphs: bool = False,
+        tau: float = 1.0,
     ) -> TensorOrTupleOfTensorsGeneric:
         """Occlusion attributions, as `captum.attr.Occlusion.attribute` computes them.
 
@@ -132,7 +138,12 @@ class IncrementalOcclusion(Occlusion):
                 replay it for the others (falls back to eager launches if capture
                 fails). Off by default: the capture costs about two batches, which
                 pays off only when a call runs many batches.
+            tau: projective-field threshold in (0, 1]; below 1 every changed box
+                is capped at tau x its feature map's side (centred) at each layer
+                and changes beyond it are dropped: faster, approximate (Krypton).
+                1 (default) is exact. Where Captum's path runs, results are exact.
         """
+        _check_tau(tau)
         if engine not in ("auto", "incremental", "captum"):
             raise ValueError(f"engine must be 'auto', 'incremental' or 'captum', not {engine!r}")
         if windows_per_batch is not None and windows_per_batch < 1:
@@ -158,6 +169,7 @@ class IncrementalOcclusion(Occlusion):
                 additional_forward_args,
                 perturbations_per_eval,
                 full_threshold,
+                tau,
             )
         except UnsupportedForIncremental as exc:
             if engine == "incremental":
@@ -191,11 +203,13 @@ class IncrementalOcclusion(Occlusion):
         additional_forward_args: Any = None,
         *,
         full_threshold: float | None = None,
+        tau: float = 1.0,
     ) -> RegionPlan:
         """The region plan `attribute` would use: per layer the box, incremental or
         full, and FLOPs; `plan.summary()` prints it, `plan.theoretical_speedup` is the
         FLOP ratio against full re-inference. Raises IncrementalNotApplicable when
         the engine does not apply."""
+        _check_tau(tau)
         try:
             return self._prepare(
                 inputs,
@@ -205,6 +219,7 @@ class IncrementalOcclusion(Occlusion):
                 additional_forward_args,
                 1,
                 full_threshold,
+                tau,
             ).plan
         except UnsupportedForIncremental as exc:
             raise IncrementalNotApplicable(str(exc)) from exc
@@ -232,6 +247,7 @@ class IncrementalOcclusion(Occlusion):
         additional_forward_args: Any,
         perturbations_per_eval: int,
         full_threshold: float | None,
+        tau: float = 1.0,
     ) -> PreparedOcclusion:
         formatted = _format_tensor_into_tuples(inputs)
         formatted_strides = _format_and_verify_strides(strides, formatted)
@@ -253,4 +269,5 @@ class IncrementalOcclusion(Occlusion):
             windows[0],
             per_dim_strides[0],
             full_threshold,
+            tau,
         )

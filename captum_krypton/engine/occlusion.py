@@ -109,6 +109,7 @@ class PreparedOcclusion:
         window: Sequence[int],
         strides: Sequence[int],
         full_threshold: float | None = None,
+        tau: float = 1.0,
     ) -> PreparedOcclusion:
         if inputs.dim() < 3:
             raise UnsupportedForIncremental("the input has no spatial dimensions")
@@ -138,12 +139,13 @@ class PreparedOcclusion:
             tuple(strides),
             full_threshold,
             rows,
+            tau,
             torch.backends.cudnn.allow_tf32,
             captured.state_key(),
         )
         plan = captured.plans.get(key)
         if plan is None or not plan.fits(env):
-            plan = build_plan(captured, env, grid.input_geometry(), full_threshold, rows)
+            plan = build_plan(captured, env, grid.input_geometry(), full_threshold, rows, tau)
             plan.release_values()
             while len(captured.plans) >= MAX_CACHED_PLANS:
                 captured.plans.pop(next(iter(captured.plans)))

@@ -57,6 +57,8 @@ class RegionPlan:
     estimated_seconds: float | None = None
     estimated_full_seconds: float | None = None
     costs: DeviceCosts | None = None
+    #: Projective-field threshold: box sides capped at tau x map side (1: exact).
+    tau: float = 1.0
     #: Per-window offsets on the device, made once per plan (executor.Views).
     device_arrays: dict = field(default_factory=dict)
 
@@ -177,6 +179,11 @@ class RegionPlan:
                 f"cost model ({self.costs.source}): estimated "
                 f"{self.estimated_full_seconds / self.estimated_seconds:.2f}x faster than "
                 "plain re-inference"
+            )
+        if self.tau < 1.0:
+            lines.append(
+                f"approximate: box sides capped at tau = {self.tau:g} of their map "
+                "(changes beyond the cap are dropped)"
             )
         if self.rerun_whole_model:
             lines.append(
@@ -313,14 +320,17 @@ def build_plan(
     input_geometry: Geometry,
     full_threshold: float | None = None,
     rows: int = PLANNING_ROWS,
+    tau: float = 1.0,
 ) -> RegionPlan:
     """Plan every node from the clean run's values and the windows' input boxes.
 
     By default a cost model (graph/cost.py) picks, over the whole graph, the nodes
     run `full`; `full_threshold` replaces it with a coverage rule (a box covering
     that share of its map or more is computed whole). `rows` is the batch size
-    the cost model assumes. Raises UnsupportedForIncremental when an op forces
-    Captum's path (e.g. a BatchNorm in training mode).
+    the cost model assumes. `tau` < 1 caps every box side at tau x its map side
+    (an approximation: changes beyond the cap are dropped). Raises
+    UnsupportedForIncremental when an op forces Captum's path (e.g. a BatchNorm
+    in training mode).
     """
     _annotate(captured, env)
     nodes: dict[fx.Node, NodePlan] = {}
@@ -358,6 +368,8 @@ def build_plan(
             else:
                 spec = rule.spec(info)
                 geometry = rule.propagate(info, spec, in_geoms) if spec is not None else None
+                if geometry is not None and tau < 1.0:
+                    geometry = geometry.capped(tau)
                 if geometry is None:
                     reason = f"{rule.name} cannot keep a box here"
                 elif geometry.volume >= threshold * geometry.map_volume:
@@ -413,7 +425,7 @@ def build_plan(
             last_use[arg] = step
     for step, node in enumerate(order):
         last_use.setdefault(node, step)
-    plan = RegionPlan(captured, nodes, order, num_examples, last_use)
+    plan = RegionPlan(captured, nodes, order, num_examples, last_use, tau=tau)
     plan.costs, plan.estimated_seconds, plan.estimated_full_seconds = (
         costs,
         estimated,

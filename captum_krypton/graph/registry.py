@@ -40,6 +40,18 @@ class Geometry:
     def same_as(self, other: Geometry) -> bool:
         return self.size == other.size and np.array_equal(self.starts, other.starts)
 
+    def capped(self, tau: float) -> Geometry:
+        """Each side at most ceil(tau x map side), centred on the uncapped box
+        (Krypton's projective-field threshold: changes beyond it are dropped)."""
+        limit = np.asarray([max(1, math.ceil(tau * m)) for m in self.map_size], dtype=np.int64)
+        size = np.asarray(self.size, dtype=np.int64)
+        capped = np.minimum(size, limit)
+        if np.array_equal(capped, size):
+            return self
+        starts = self.starts + (size - capped) // 2
+        starts = np.clip(starts, 0, np.asarray(self.map_size) - capped)
+        return Geometry(tuple(int(s) for s in capped), starts.astype(np.int64), self.map_size)
+
     @staticmethod
     def from_bounds(lo: np.ndarray, hi: np.ndarray, map_size: tuple[int, ...]) -> Geometry:
         """Uniform box covering [lo, hi) of every window, shifted inward at borders."""
