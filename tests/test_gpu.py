@@ -62,14 +62,8 @@ def test_cuda_graph_replay_equals_eager(exact_cuda_math):
     )
 
 
-BENCHMARK_MODELS = {
-    "vgg16": 224,
-    "resnet18": 224,
-    "resnet50": 224,
-    "inception_v3": 299,
-    "mobilenet_v2": 224,
-    "efficientnet_b0": 224,
-}
+from benchmarks.gpu import MODELS as BENCHMARK_MODELS  # noqa: E402  (after importorskip)
+
 #: With TF32 (PyTorch's default for cuDNN convolutions) conv inputs are rounded
 #: to 10-bit mantissas (relative error up to 2^-11 = 4.9e-4 per rounding), and how
 #: the errors add up depends on the algorithm picked for each batch shape. Results

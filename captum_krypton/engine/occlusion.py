@@ -31,7 +31,7 @@ DEFAULT_CPU_MEMORY = 1 << 30
 #: On CUDA a batch holds at most this many rows (windows x examples): larger
 #: batches add no throughput, and a bounded, power-of-two batch keeps the shapes
 #: the same from call to call, so cudnn's algorithm choices are reused.
-MAX_CUDA_ROWS = 1024
+MAX_CUDA_ROWS = PLANNING_ROWS
 #: Plain re-inference of the whole model keeps every activation of a batch: its
 #: throughput stops growing well before that, at a quarter of the rows.
 MAX_CUDA_ROWS_WHOLE_MODEL = 256
