@@ -1,6 +1,16 @@
 """Exact drop-in for captum.attr.Occlusion, computed by incremental CNN inference."""
 
+from captum_krypton.approx import Approximation, attribution_ssim
 from captum_krypton.attr import FallbackWarning, IncrementalNotApplicable, IncrementalOcclusion
+from captum_krypton.engine.progressive import OcclusionProgress, OcclusionReport
 
-__all__ = ["IncrementalOcclusion", "FallbackWarning", "IncrementalNotApplicable"]
+__all__ = [
+    "IncrementalOcclusion",
+    "FallbackWarning",
+    "IncrementalNotApplicable",
+    "OcclusionProgress",
+    "OcclusionReport",
+    "Approximation",
+    "attribution_ssim",
+]
 __version__ = "0.1.0"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -25,7 +27,10 @@ from captum.attr._utils.common import (
 from captum.log import log_usage
 from torch import Tensor
 
+from captum_krypton.approx.settings import Approximation, check_fraction, check_target_ssim
 from captum_krypton.engine.occlusion import PreparedOcclusion
+from captum_krypton.engine.progressive import OcclusionProgress, OcclusionReport, ProgressiveRun
+from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.graph.capture import (
     CapturedGraph,
     UnsupportedForIncremental,
@@ -73,8 +78,30 @@ def _verify_windows(
 
 
 def _check_tau(tau: float) -> None:
-    if not isinstance(tau, (int, float)) or not 0 < tau <= 1:
-        raise ValueError(f"tau must be in (0, 1], not {tau!r}")
+    check_fraction("tau", tau)
+
+
+def _approximation(
+    tau: float, drilldown: float | None, drilldown_factor: int, target_ssim: float | None
+) -> Approximation:
+    """The requested approximation, checked; with a target SSIM, tau and drilldown
+    are the calibration's to choose."""
+    if target_ssim is not None:
+        check_target_ssim(target_ssim)
+        if tau != 1.0 or drilldown is not None:
+            raise ValueError("target_ssim chooses tau and drilldown: leave them unset")
+    return Approximation(tau, drilldown, drilldown_factor)
+
+
+def _captum_window_count(inputs: Any, sliding_window_shapes: Any, strides: Any) -> int:
+    """How many windows Captum's Occlusion evaluates for these arguments."""
+    formatted = _format_tensor_into_tuples(inputs)
+    windows = _format_and_verify_sliding_window_shapes(sliding_window_shapes, formatted)
+    per_dim = _verify_windows(formatted, windows, _format_and_verify_strides(strides, formatted))
+    return sum(
+        WindowGrid(tuple(inp.shape[1:]), window, stride).num_windows
+        for inp, window, stride in zip(formatted, windows, per_dim)
+    )
 
 
 class IncrementalOcclusion(Occlusion):
@@ -91,6 +118,8 @@ class IncrementalOcclusion(Occlusion):
         super().__init__(forward_func)
         self._captures: dict[tuple, CapturedGraph] = {}
         self._warned: set[str] = set()
+        #: What the last `attribute` call did (None before the first).
+        self.last_run: OcclusionReport | None = None
 
     @log_usage(part_of_slo=True)
     def attribute(  # type: ignore[override]
@@ -111,6 +140,11 @@ class IncrementalOcclusion(Occlusion):
         kernels: Literal["auto", "torch", "triton"] = "auto",
         cuda_graphs: bool = False,
         tau: float = 1.0,
+        drilldown: float | None = None,
+        drilldown_factor: int = 2,
+        target_ssim: float | None = None,
+        on_progress: Callable[[OcclusionProgress], object] | None = None,
+        cancel: threading.Event | None = None,
     ) -> TensorOrTupleOfTensorsGeneric:
         """Occlusion attributions, as `captum.attr.Occlusion.attribute` computes them.
 
@@ -142,8 +176,83 @@ class IncrementalOcclusion(Occlusion):
                 is capped at tau x its feature map's side (centred) at each layer
                 and changes beyond it are dropped: faster, approximate (Krypton).
                 1 (default) is exact. Where Captum's path runs, results are exact.
+            drilldown: fraction r in (0, 1] (None: off). A coarse pass computes
+                every `drilldown_factor`-th window along each spatial dim (exactly);
+                then only the fraction r of all windows where the coarse attributions
+                are largest or change most run at the requested stride, with `tau`.
+                Windows left out are interpolated from the coarse pass; the result
+                keeps Captum's shape. Never computes more windows than exact mode.
+            drilldown_factor: the coarse pass's spacing, in windows (at least 2).
+            target_ssim: in (0, 1): choose `tau` and `drilldown` from a calibration
+                on these inputs (on drill-down's coarse pass) so that the heatmap's
+                SSIM vs exact is expected to reach it; the choice is reported in
+                `self.last_run.approximation`. Leave `tau` and `drilldown` unset.
+            on_progress: called with an `OcclusionProgress` (a heatmap so far, the
+                windows done and planned) after every window batch, and with the
+                final result last (`complete=True`, same tensor as returned).
+            cancel: a `threading.Event`; once set, the run stops after the batch
+                in flight and returns the heatmap so far (NaN where no computed
+                window covers; `last_run.cancelled` is True). Plans and caches stay
+                valid for the next call.
+
+        `self.last_run` describes the call: engine, approximation settings, windows
+        computed, seconds, whether it was cancelled.
         """
-        _check_tau(tau)
+        for progress_report in self.attribute_stream(
+            inputs,
+            sliding_window_shapes,
+            strides,
+            baselines,
+            target,
+            additional_forward_args,
+            perturbations_per_eval,
+            show_progress,
+            engine=engine,
+            max_memory=max_memory,
+            windows_per_batch=windows_per_batch,
+            full_threshold=full_threshold,
+            kernels=kernels,
+            cuda_graphs=cuda_graphs,
+            tau=tau,
+            drilldown=drilldown,
+            drilldown_factor=drilldown_factor,
+            target_ssim=target_ssim,
+            cancel=cancel,
+            report_batches=on_progress is not None,
+        ):
+            if on_progress is not None:
+                on_progress(progress_report)
+        return progress_report.attribution
+
+    def attribute_stream(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        sliding_window_shapes: tuple[int, ...] | tuple[tuple[int, ...], ...],
+        strides: None | int | tuple[int, ...] | tuple[int | tuple[int, ...], ...] = None,
+        baselines: BaselineType = None,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        perturbations_per_eval: int = 1,
+        show_progress: bool = False,
+        *,
+        engine: Engine = "auto",
+        max_memory: int | None = None,
+        windows_per_batch: int | None = None,
+        full_threshold: float | None = None,
+        kernels: Literal["auto", "torch", "triton"] = "auto",
+        cuda_graphs: bool = False,
+        tau: float = 1.0,
+        drilldown: float | None = None,
+        drilldown_factor: int = 2,
+        target_ssim: float | None = None,
+        cancel: threading.Event | None = None,
+        report_batches: bool = True,
+    ) -> Iterator[OcclusionProgress]:
+        """`attribute` as an iterator of `OcclusionProgress`: a heatmap after every
+        window batch (with `report_batches`), then the final one, whose
+        `attribution` is what `attribute` returns. Closing the iterator early stops
+        the run after the batch in flight; the engine stays reusable."""
+        approximation = _approximation(tau, drilldown, drilldown_factor, target_ssim)
         if engine not in ("auto", "incremental", "captum"):
             raise ValueError(f"engine must be 'auto', 'incremental' or 'captum', not {engine!r}")
         if windows_per_batch is not None and windows_per_batch < 1:
@@ -159,7 +268,8 @@ class IncrementalOcclusion(Occlusion):
             show_progress,
         )
         if engine == "captum":
-            return self._captum_attribute(*captum_args)
+            yield self._captum_run(captum_args)
+            return
         try:
             prepared = self._prepare(
                 inputs,
@@ -169,30 +279,67 @@ class IncrementalOcclusion(Occlusion):
                 additional_forward_args,
                 perturbations_per_eval,
                 full_threshold,
-                tau,
+                1.0 if approximation.drilldown or target_ssim else approximation.tau,
             )
         except UnsupportedForIncremental as exc:
             if engine == "incremental":
                 raise IncrementalNotApplicable(str(exc)) from exc
             self._warn_fallback(str(exc))
-            return self._captum_attribute(*captum_args)
+            yield self._captum_run(captum_args)
+            return
 
-        prepared.use_triton = use_triton(kernels, prepared.inputs.device)
-        # Graphs need kernels that never wait on the host: the Triton ones.
-        prepared.use_cuda_graphs = (
-            cuda_graphs and prepared.use_triton and (prepared.inputs.device.type == "cuda")
-        )
-        batch = windows_per_batch or prepared.windows_per_batch(max_memory)
+        ready_by_tau = {prepared.plan.tau: prepared}
+
+        def prepare(tau: float) -> PreparedOcclusion:
+            ready = ready_by_tau.get(tau)
+            if ready is None:
+                ready = ready_by_tau[tau] = self._prepare(
+                    inputs,
+                    sliding_window_shapes,
+                    strides,
+                    baselines,
+                    additional_forward_args,
+                    perturbations_per_eval,
+                    full_threshold,
+                    tau,
+                )
+            ready.use_triton = use_triton(kernels, ready.inputs.device)
+            # Graphs need kernels that never wait on the host: the Triton ones.
+            ready.use_cuda_graphs = (
+                cuda_graphs and ready.use_triton and ready.inputs.device.type == "cuda"
+            )
+            return ready
+
         bar = (
             progress(desc=f"{self.get_name()} attribution", total=prepared.grid.num_windows)
             if show_progress
             else NullProgress()
         )
+
+        def set_bar_total(planned: int) -> None:
+            if hasattr(bar, "total"):
+                bar.total = planned
+                if hasattr(bar, "refresh"):
+                    bar.refresh()
+
+        run = ProgressiveRun(
+            prepare,
+            target,
+            lambda ready: windows_per_batch or ready.windows_per_batch(max_memory),
+            approximation,
+            target_ssim,
+            cancel,
+            report_batches,
+            on_batch=bar.update,
+            on_planned=set_bar_total,
+            format_result=lambda result: _format_output(_is_tuple(inputs), (result,)),
+        )
         try:
-            result = prepared.attribute(target, batch, on_batch=bar.update)
+            yield from run.steps()
         finally:
             bar.close()
-        return _format_output(_is_tuple(inputs), (result,))
+            if run.report is not None:
+                self.last_run = run.report
 
     def plan(
         self,
@@ -227,6 +374,17 @@ class IncrementalOcclusion(Occlusion):
     # ------------------------------------------------------------ internals
     def _captum_attribute(self, *args: Any) -> TensorOrTupleOfTensorsGeneric:
         return Occlusion.attribute.__wrapped__(self, *args)
+
+    def _captum_run(self, captum_args: tuple) -> OcclusionProgress:
+        """Captum's own path, exact, reported as one final progress report."""
+        start = time.perf_counter()
+        result = self._captum_attribute(*captum_args)
+        elapsed = time.perf_counter() - start
+        total = _captum_window_count(*captum_args[:3])
+        self.last_run = OcclusionReport("captum", Approximation(), total, total, elapsed)
+        return OcclusionProgress(
+            result, "exact", total, total, total, elapsed, True, Approximation()
+        )
 
     def _warn_fallback(self, reason: str) -> None:
         logger.info("IncrementalOcclusion falls back to Captum's Occlusion: %s", reason)

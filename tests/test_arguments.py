@@ -214,16 +214,16 @@ def test_out_of_memory_halves_the_batch_and_keeps_finished_windows(model, monkey
     """A CUDA out-of-memory error in a batch retries it at half size; still exact."""
     from captum_krypton.engine import occlusion as occlusion_module
 
-    original = occlusion_module.PreparedOcclusion.run_windows
+    original = occlusion_module.PreparedOcclusion.run_window_ids
     sizes = []
 
-    def run_windows(self, first, count):
-        sizes.append(count)
-        if count > 3:
+    def run_window_ids(self, ids):
+        sizes.append(len(ids))
+        if len(ids) > 3:
             raise torch.cuda.OutOfMemoryError("simulated")
-        return original(self, first, count)
+        return original(self, ids)
 
-    monkeypatch.setattr(occlusion_module.PreparedOcclusion, "run_windows", run_windows)
+    monkeypatch.setattr(occlusion_module.PreparedOcclusion, "run_window_ids", run_window_ids)
     inputs = torch.randn(2, 3, 16, 16)
     expected = Occlusion(model).attribute(inputs, (3, 5, 5), strides=3, target=1)
     actual = IncrementalOcclusion(model).attribute(

@@ -129,3 +129,24 @@ def test_fastest_measures_once_and_drops_failing_candidates():
     assert set(choice.measurements()[key]) == {"matmul"}
     again = choice.fastest(key, {"matmul": lambda: x @ x, "broken": broken}, x.device)
     torch.testing.assert_close(first, again)
+
+
+def test_cuda_approximations_stream_and_drilldown_of_every_window(exact_cuda_math):
+    """On CUDA: drill-down over every window equals exact occlusion, tau runs, the
+    stream ends with the returned map, and a target SSIM picks settings."""
+    from captum_krypton import IncrementalOcclusion, attribution_ssim
+
+    model = torchvision.models.resnet18(weights=None).eval().cuda()
+    inputs = torch.randn(1, 3, 64, 64, device="cuda")
+    occlusion = IncrementalOcclusion(model)
+    args = dict(sliding_window_shapes=(3, 8, 8), strides=4, target=3)
+    exact = occlusion.attribute(inputs, **args)
+    every = occlusion.attribute(inputs, drilldown=1.0, windows_per_batch=32, **args)
+    torch.testing.assert_close(every, exact, rtol=0, atol=1e-5 * exact.abs().max().item())
+    reports = []
+    result = occlusion.attribute(inputs, tau=0.6, drilldown=0.3, on_progress=reports.append, **args)
+    assert reports[-1].attribution is result and result.device.type == "cuda"
+    assert reports[0].stage == "coarse" and torch.isfinite(result).all()
+    chosen = occlusion.attribute(inputs, target_ssim=0.9, **args)
+    assert occlusion.last_run.approximation.estimated_ssim >= 0.9
+    assert attribution_ssim(chosen, exact).shape == (1,)

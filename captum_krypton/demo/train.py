@@ -1,6 +1,6 @@
 """Train the demo model on generated shapes and save the weights into the package.
 
-python -m captum_krypton.demo.train [--out PATH] [--epochs N]
+python -m captum_krypton.demo.train [--model cnn|resnet] [--out PATH] [--epochs N]
 """
 
 from __future__ import annotations
@@ -12,14 +12,16 @@ import torch
 from torch import nn
 
 from captum_krypton.demo.data import make_dataset, normalize
-from captum_krypton.demo.model import WEIGHTS, ShapesNet
+from captum_krypton.demo.model import DEMO_MODELS
 
 
-def train(epochs: int = 6, train_count: int = 6000, seed: int = 0) -> tuple[ShapesNet, float]:
+def train(
+    name: str = "cnn", epochs: int = 6, train_count: int = 6000, seed: int = 0
+) -> tuple[nn.Module, float]:
     torch.manual_seed(seed)
     images, labels = make_dataset(train_count, seed=seed)
     test_images, test_labels = make_dataset(800, seed=seed + 1)
-    model = ShapesNet()
+    model = DEMO_MODELS[name][0]()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = epochs * (train_count // 64)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
@@ -51,17 +53,17 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(WEIGHTS))
+    parser.add_argument("--model", choices=sorted(DEMO_MODELS), default="cnn")
+    parser.add_argument("--out", help="default: the package's weights of that model")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--train-count", type=int, default=6000)
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     start = time.perf_counter()
-    model, accuracy = train(args.epochs, args.train_count)
-    torch.save(model.state_dict(), args.out)
-    print(
-        f"saved {args.out} (held-out accuracy {accuracy:.3f}, {time.perf_counter() - start:.0f} s)"
-    )
+    model, accuracy = train(args.model, args.epochs, args.train_count)
+    out = args.out or str(DEMO_MODELS[args.model][1])
+    torch.save(model.state_dict(), out)
+    print(f"saved {out} (held-out accuracy {accuracy:.3f}, {time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

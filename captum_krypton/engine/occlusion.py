@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from captum._utils.common import _expand_target, _select_targets
 from captum._utils.typing import TargetType
@@ -39,7 +40,7 @@ MAX_CUDA_ROWS_WHOLE_MODEL = 256
 
 #: Plans kept per traced model (a plan is reused while the input shape, window,
 #: strides and the model's parameters stay the same).
-MAX_CACHED_PLANS = 4
+MAX_CACHED_PLANS = 8
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -180,9 +181,16 @@ class PreparedOcclusion:
 
     def run_windows(self, first: int, count: int) -> torch.Tensor:
         """Model output for each (window, example) row of windows [first, first + count)."""
-        ids = torch.arange(first, first + count, device=self.inputs.device)
+        return self.run_window_ids(torch.arange(first, first + count, device=self.inputs.device))
+
+    def run_window_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Model output for each (window, example) row of the given windows."""
         with torch.no_grad():
             return self.batch_run(ids).run()
+
+    def initial_outputs(self, target: TargetType) -> torch.Tensor:
+        """The clean run's selected outputs, flattened to (1, outputs)."""
+        return _select_targets(self.output, target).reshape(1, -1)
 
     def attribute(
         self,
@@ -191,58 +199,81 @@ class PreparedOcclusion:
         on_batch: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Captum's result for this input: (outputs, *input.shape[1:]), float32."""
-        initial = _select_targets(self.output, target)
-        flat_initial = initial.reshape(1, -1)
-        num_outputs = flat_initial.shape[1]
+        flat_initial = self.initial_outputs(target)
         diffs = torch.empty(
-            (self.grid.num_windows, num_outputs),
+            (self.grid.num_windows, flat_initial.shape[1]),
             dtype=flat_initial.dtype,
             device=flat_initial.device,
         )
-        with _cudnn_autotuning(self.inputs.device):
-            self._run_batches(target, windows_per_batch, flat_initial, diffs, on_batch)
+        every_window = np.arange(self.grid.num_windows)
+        for count in self.fill_diffs(every_window, target, windows_per_batch, flat_initial, diffs):
+            if on_batch is not None:
+                on_batch(count)
+        return self.attribution_from(diffs, flat_initial.dtype)
+
+    def attribution_from(self, diffs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Captum's average over covering windows, from every window's output difference."""
         total, count = self.grid.accumulate(diffs)
         # As Captum: the sum in the output's dtype, divided by counts in float32.
-        result = total.to(flat_initial.dtype).float() / count.float()
+        result = total.to(dtype).float() / count.float()
         return result.to(self.inputs.device)
 
-    def _run_batches(
+    def partial_attribution(
+        self, diffs: torch.Tensor, computed: np.ndarray, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The average over covering windows among those `computed` so far (NaN at
+        positions none of them covers): the heatmap of an unfinished run."""
+        mask = torch.from_numpy(computed).to(diffs.device)
+        known = torch.where(mask[:, None], diffs, torch.zeros((), dtype=diffs.dtype))
+        total, _ = self.grid.accumulate(known)
+        covering, _ = self.grid.accumulate(mask[:, None].to(torch.float64))
+        result = total.to(dtype).float() / covering[0].float()
+        return result.to(self.inputs.device)
+
+    def fill_diffs(
         self,
+        window_ids: np.ndarray,
         target: TargetType,
         windows_per_batch: int,
         flat_initial: torch.Tensor,
         diffs: torch.Tensor,
-        on_batch: Callable[[int], None] | None,
-    ) -> None:
-        """Fill `diffs` (windows x outputs) batch by batch."""
+    ) -> Iterator[int]:
+        """Compute windows `window_ids` (in this order) into their rows of `diffs`
+        (windows x outputs), batch by batch; yields each finished batch's size.
+
+        A batch that runs out of CUDA memory is retried at half the size; rows of
+        finished batches are kept. Stopping the iteration between batches leaves
+        every finished row in place and nothing half-written."""
         num_outputs = flat_initial.shape[1]
+        device = self.inputs.device
         graphed: GraphedBatch | None = None
-        first = 0
-        while first < self.grid.num_windows:
-            count = min(windows_per_batch, self.grid.num_windows - first)
-            try:
-                if self.use_cuda_graphs and count == windows_per_batch:
-                    if graphed is None or graphed.size != count:
-                        graphed = GraphedBatch.capture(self, count)
-                    if graphed is None:  # capture failed: eager from here on
-                        self.use_cuda_graphs = False
-                        continue
-                    output = graphed.run(first)
-                else:
-                    output = self.run_windows(first, count)
-            except torch.cuda.OutOfMemoryError:
-                if windows_per_batch == 1:
-                    raise
-                # Finished windows are kept; this batch is retried at half the size.
-                graphed = None
-                windows_per_batch = max(1, windows_per_batch // 2)
-                torch.cuda.empty_cache()
-                continue
-            modified = _select_targets(output, _expand_target(target, count))
-            diffs[first : first + count] = flat_initial - modified.reshape(-1, num_outputs)
-            first += count
-            if on_batch is not None:
-                on_batch(count)
+        position = 0
+        with _cudnn_autotuning(device):
+            while position < len(window_ids):
+                count = min(windows_per_batch, len(window_ids) - position)
+                batch_ids = window_ids[position : position + count]
+                ids = torch.from_numpy(np.ascontiguousarray(batch_ids, dtype=np.int64)).to(device)
+                try:
+                    if self.use_cuda_graphs and count == windows_per_batch:
+                        if graphed is None or graphed.size != count:
+                            graphed = GraphedBatch.capture(self, count)
+                        if graphed is None:  # capture failed: eager from here on
+                            self.use_cuda_graphs = False
+                            continue
+                        output = graphed.run(ids)
+                    else:
+                        output = self.run_window_ids(ids)
+                except torch.cuda.OutOfMemoryError:
+                    if windows_per_batch == 1:
+                        raise
+                    graphed = None
+                    windows_per_batch = max(1, windows_per_batch // 2)
+                    torch.cuda.empty_cache()
+                    continue
+                modified = _select_targets(output, _expand_target(target, count))
+                diffs[ids] = flat_initial - modified.reshape(-1, num_outputs)
+                position += count
+                yield count
 
 
 class GraphedBatch:
@@ -271,7 +302,7 @@ class GraphedBatch:
             return None
         return cls(size, ids, graph, output)
 
-    def run(self, first: int) -> torch.Tensor:
-        self._ids.copy_(torch.arange(first, first + self.size, device=self._ids.device))
+    def run(self, ids: torch.Tensor) -> torch.Tensor:
+        self._ids.copy_(ids)
         self._graph.replay()
         return self._output

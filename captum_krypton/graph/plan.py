@@ -106,6 +106,17 @@ class RegionPlan:
         return sum(p.flops_incremental for p in self.nodes.values())
 
     @property
+    def cost_per_row(self) -> float:
+        """This plan's estimated cost of one (window, example) row: seconds where the
+        cost model ran, else FLOPs; comparable between plans made with the same
+        settings (approximations choose between plans with it)."""
+        if self.estimated_seconds is None or self.estimated_full_seconds is None:
+            flops = self.flops_full if self.rerun_whole_model else self.flops_incremental
+            return flops / self.num_examples
+        seconds = self.estimated_full_seconds if self.rerun_whole_model else self.estimated_seconds
+        return seconds / PLANNING_ROWS
+
+    @property
     def theoretical_speedup(self) -> float:
         """FLOPs of full re-inference over FLOPs of this plan (the speedup limit)."""
         if self.rerun_whole_model:

@@ -1,0 +1,6 @@
+"""Opt-in approximations: projective-field threshold, drill-down, target SSIM."""
+
+from captum_krypton.approx.quality import attribution_ssim
+from captum_krypton.approx.settings import Approximation
+
+__all__ = ["Approximation", "attribution_ssim"]

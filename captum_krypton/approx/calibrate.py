@@ -1,0 +1,165 @@
+"""Target SSIM: choose tau and the drill-down fraction from a quick calibration.
+
+The coarse pass of drill-down (exact windows on a lattice) doubles as the
+reference. Two errors are estimated on it, as 1 - SSIM of heatmaps:
+- drill-down: one level coarser, for free: windows on every other lattice point
+  stand in for the coarse pass, the rest of the lattice for the fine grid; each
+  fraction r refines the top r of them and the heatmap is compared with the one
+  from the whole lattice. Its spacing is twice the real one, so this errs high.
+- tau: a few candidate thresholds run on the sub-lattice's windows (a binary
+  search over TAU_CANDIDATES, assuming quality grows with tau) and their heatmaps
+  are compared with the exact windows' heatmap.
+The errors are taken to add up; of the measured pairs whose summed error stays
+within SAFETY x (1 - target), the cheapest by the plans' estimated time per
+window wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from captum_krypton.approx import drilldown as dd
+from captum_krypton.approx.quality import attribution_ssim
+from captum_krypton.approx.settings import Approximation
+
+TAU_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+FRACTION_CANDIDATES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)
+#: Share of the allowed error (1 - target) the estimates may use: they are
+#: measured on coarse heatmaps, which hide some of the fine-grid error.
+SAFETY = 0.6
+#: Drill-down needs this many lattice points along some spatial dim to pay off.
+MIN_LATTICE_SIDE = 4
+
+
+@dataclass
+class Calibration:
+    """What the calibration measured and chose."""
+
+    approximation: Approximation
+    tau_errors: dict[float, float] = field(default_factory=dict)
+    fraction_errors: dict[float, float] = field(default_factory=dict)
+    windows_run: int = 0
+
+
+def calibrate(
+    target_ssim: float,
+    counts: tuple[int, ...],
+    lattice: tuple[np.ndarray, ...],
+    lattice_diffs: torch.Tensor,
+    heatmap: Callable[[torch.Tensor], torch.Tensor],
+    run_with_tau: Callable[[float, np.ndarray], torch.Tensor],
+    seconds_per_window: Callable[[float], float],
+    factor: int,
+) -> Calibration:
+    """Settings meeting `target_ssim` at the least estimated cost.
+
+    counts: the window grid; lattice: per dim, the coarse pass's indices, whose
+    exact differences are `lattice_diffs` ((lattice windows, outputs), C order);
+    heatmap: every window's difference -> Captum-shaped map; run_with_tau: (tau,
+    window ids) -> their differences with that tau; seconds_per_window: a plan's
+    estimated cost per window at that tau.
+    """
+    allowed = SAFETY * (1.0 - target_ssim)
+    num_windows = int(np.prod(counts))
+    lattice_ids = dd.window_ids(counts, lattice)
+
+    def exact_at(points: tuple[np.ndarray, ...]) -> torch.Tensor:
+        """The lattice's exact differences at a sub-lattice's windows."""
+        rows = np.searchsorted(lattice_ids, dd.window_ids(counts, points))
+        return lattice_diffs[torch.from_numpy(rows)]
+
+    coarse = dd.sub_lattice(lattice)
+    drilldown_pays = max(len(axis) for axis in lattice[1:]) >= MIN_LATTICE_SIDE
+    calibration = Calibration(Approximation(drilldown_factor=factor))
+    fraction_errors = calibration.fraction_errors
+    if drilldown_pays:
+        fraction_errors.update(_fraction_errors(counts, lattice, coarse, lattice_diffs, heatmap))
+    fraction_errors[1.0] = 0.0
+
+    # tau runs on the sub-lattice's windows when drill-down leaves room for it.
+    tau_points = coarse if drilldown_pays else lattice
+    tau_ids = dd.window_ids(counts, tau_points)
+    tau_reference = heatmap(dd.interpolate(counts, tau_points, exact_at(tau_points)))
+    tau_errors = calibration.tau_errors
+    tau_errors[1.0] = 0.0
+
+    def tau_error(tau: float) -> float:
+        if tau not in tau_errors:
+            diffs = run_with_tau(tau, tau_ids)
+            calibration.windows_run += len(tau_ids)
+            ours = heatmap(dd.interpolate(counts, tau_points, diffs))
+            tau_errors[tau] = 1.0 - float(attribution_ssim(ours, tau_reference).min())
+        return tau_errors[tau]
+
+    # Half the allowed error for drill-down, the rest for the search over tau.
+    half = _cheapest_fraction(fraction_errors, allowed / 2)
+    _smallest_tau(tau_error, allowed - fraction_errors[half])
+
+    # The cheapest measured pair within the allowed error (the lattice has run
+    # already, whatever is chosen).
+    best = (num_windows * seconds_per_window(1.0), -1.0, -1.0)
+    for tau, tau_err in tau_errors.items():
+        for fraction, fraction_err in fraction_errors.items():
+            if tau_err + fraction_err <= allowed:
+                cost = seconds_per_window(tau) * fraction * num_windows
+                best = min(best, (cost, -tau, -fraction))  # ties: the larger settings
+    tau, fraction = -best[1], -best[2]
+    calibration.approximation = Approximation(
+        tau=tau,
+        drilldown=None if fraction == 1.0 else fraction,
+        drilldown_factor=factor,
+        estimated_ssim=1.0 - tau_errors[tau] - fraction_errors[fraction],
+    )
+    return calibration
+
+
+def _fraction_errors(
+    counts: tuple[int, ...],
+    lattice: tuple[np.ndarray, ...],
+    coarse: tuple[np.ndarray, ...],
+    lattice_diffs: torch.Tensor,
+    heatmap: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[float, float]:
+    """1 - SSIM of drill-down one level up, per candidate fraction (no model runs):
+    the coarse sub-lattice plays the coarse pass, the lattice the fine grid."""
+    reference = heatmap(dd.interpolate(counts, lattice, lattice_diffs))
+    sizes = tuple(len(axis) for axis in lattice)
+    # The sub-lattice as positions within the lattice, per dim.
+    within = tuple(np.searchsorted(axis, sub) for axis, sub in zip(lattice, coarse))
+    on_coarse = np.zeros(int(np.prod(sizes)), dtype=bool)
+    coarse_rows = dd.window_ids(sizes, within)
+    on_coarse[coarse_rows] = True
+    coarse_diffs = lattice_diffs[torch.from_numpy(coarse_rows)]
+    estimate = dd.interpolate(sizes, within, coarse_diffs)
+    scores = dd.refinement_scores(sizes, within, coarse_diffs)
+    errors = {}
+    for fraction in FRACTION_CANDIDATES:
+        order = dd.refinement_order(scores, fraction, on_coarse)
+        known = on_coarse.copy()
+        known[order] = True
+        composed = torch.where(
+            torch.from_numpy(known)[:, None], lattice_diffs.to(torch.float64).cpu(), estimate
+        )
+        ours = heatmap(dd.interpolate(counts, lattice, composed))
+        errors[fraction] = 1.0 - float(attribution_ssim(ours, reference).min())
+    return errors
+
+
+def _cheapest_fraction(errors: dict[float, float], allowed: float) -> float:
+    return min((f for f, e in errors.items() if e <= allowed), default=1.0)
+
+
+def _smallest_tau(tau_error: Callable[[float], float], allowed: float) -> float:
+    """Binary search over TAU_CANDIDATES for the smallest tau within `allowed`."""
+    lo, hi, best = 0, len(TAU_CANDIDATES) - 1, 1.0
+    while lo <= hi:
+        middle = (lo + hi) // 2
+        if tau_error(TAU_CANDIDATES[middle]) <= allowed:
+            best, hi = TAU_CANDIDATES[middle], middle - 1
+        else:
+            lo = middle + 1
+    return best

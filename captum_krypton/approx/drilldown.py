@@ -1,0 +1,117 @@
+"""Adaptive drill-down (Krypton): a coarse pass over a lattice of the windows, then
+the requested stride only where the coarse heatmap is largest or changes most.
+
+Every window of the coarse pass is a window of the requested grid (the lattice
+takes every `factor`-th window along each spatial dim, plus the last), so no
+window is ever computed twice and drill-down never computes more windows than
+exact occlusion. Windows left out get their output difference interpolated
+(linearly, per dim) from the lattice; the heatmap is then Captum's average over
+covering windows, as in exact mode, so the result keeps Captum's shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from captum_krypton.engine.windows import WindowGrid
+
+
+def lattice_indices(count: int, factor: int) -> np.ndarray:
+    """Every `factor`-th of `count` positions, always with the last one."""
+    indices = np.arange(0, count, factor)
+    if indices[-1] != count - 1:
+        indices = np.append(indices, count - 1)
+    return indices
+
+
+def coarse_lattice(grid: WindowGrid, factor: int) -> tuple[np.ndarray, ...]:
+    """Per grid dim, the window indices of the coarse pass: every one along the
+    channel dim, every `factor`-th along spatial dims."""
+    counts = grid.counts
+    return (np.arange(counts[0]),) + tuple(lattice_indices(c, factor) for c in counts[1:])
+
+
+def sub_lattice(lattice: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Every other lattice point along spatial dims, with the last: one level coarser."""
+    return (lattice[0],) + tuple(axis[lattice_indices(len(axis), 2)] for axis in lattice[1:])
+
+
+def window_ids(counts: tuple[int, ...], lattice: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Ids (C order over a grid of `counts`, as WindowGrid numbers windows) of every
+    point of the lattice, in C order over the lattice."""
+    mesh = np.meshgrid(*lattice, indexing="ij")
+    return np.ravel_multi_index(tuple(m.ravel() for m in mesh), counts)
+
+
+def interpolation_matrix(known: np.ndarray, count: int) -> torch.Tensor:
+    """(len(known), count) weights: linear interpolation from the known positions
+    (sorted, first 0, last count - 1) to every position 0..count-1."""
+    weights = np.zeros((len(known), count))
+    if len(known) == 1:
+        weights[0] = 1.0
+        return torch.from_numpy(weights)
+    positions = np.arange(count)
+    right = np.clip(np.searchsorted(known, positions, side="right"), 1, len(known) - 1)
+    left = right - 1
+    fraction = (positions - known[left]) / (known[right] - known[left])
+    weights[left, positions] += 1.0 - fraction
+    weights[right, positions] += fraction
+    return torch.from_numpy(weights)
+
+
+def interpolate(
+    counts: tuple[int, ...], lattice: tuple[np.ndarray, ...], values: torch.Tensor
+) -> torch.Tensor:
+    """Values at every grid point (prod(counts), outputs), float64, from values at
+    the lattice points ((prod of lattice sizes), outputs), separably per dim."""
+    field = values.to(torch.float64).cpu().reshape(*(len(a) for a in lattice), values.shape[1])
+    for known, count in zip(lattice, counts):
+        field = torch.tensordot(field, interpolation_matrix(known, count), dims=([0], [0]))
+    # Each contraction moved its dim to the end: (outputs, *counts) now.
+    return field.reshape(values.shape[1], -1).T.contiguous()
+
+
+def refinement_scores(
+    counts: tuple[int, ...], lattice: tuple[np.ndarray, ...], lattice_diffs: torch.Tensor
+) -> torch.Tensor:
+    """How much computing each window at the requested stride should matter: its
+    interpolated |output difference| (importance) plus the spread of the coarse
+    differences around it (how far interpolation can be off), the largest over
+    outputs. (windows,), float64."""
+    sizes = tuple(len(axis) for axis in lattice)
+    values = lattice_diffs.to(torch.float64).cpu().numpy().reshape(*sizes, -1)
+    neighbourhood = (3,) * len(sizes) + (1,)  # lattice neighbours, per output
+    spread = ndimage.maximum_filter(values, neighbourhood, mode="nearest") - (
+        ndimage.minimum_filter(values, neighbourhood, mode="nearest")
+    )
+    flat = values.shape[-1]
+    estimate = interpolate(counts, lattice, torch.from_numpy(values.reshape(-1, flat)))
+    uncertainty = interpolate(counts, lattice, torch.from_numpy(spread.reshape(-1, flat)))
+    return (estimate.abs() + uncertainty).amax(dim=1)
+
+
+def refinement_order(scores: torch.Tensor, fraction: float, computed: np.ndarray) -> np.ndarray:
+    """Windows to compute at the requested stride: the `fraction` of all windows with
+    the highest scores, less those already computed, highest first (so a partial
+    refinement covers what matters most). scores, computed: (windows,)."""
+    chosen = math.ceil(fraction * len(scores))
+    ranked = np.argsort(-scores.numpy(), kind="stable")[:chosen]
+    return ranked[~computed[ranked]]
+
+
+def compose(
+    counts: tuple[int, ...],
+    lattice: tuple[np.ndarray, ...],
+    lattice_diffs: torch.Tensor,
+    diffs: torch.Tensor,
+    computed: np.ndarray,
+) -> torch.Tensor:
+    """Every window's difference: computed where `computed`, else interpolated from
+    the lattice. diffs: (windows, outputs) with rows of computed windows filled."""
+    estimate = interpolate(counts, lattice, lattice_diffs)
+    mask = torch.from_numpy(computed)
+    return torch.where(mask[:, None], diffs.to(torch.float64).cpu(), estimate)

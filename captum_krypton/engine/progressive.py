@@ -1,0 +1,268 @@
+"""One attribution run that can report heatmaps while it computes, be cancelled,
+and follow the approximations (tau, drill-down, target SSIM).
+
+The run yields an `OcclusionProgress` after every window batch when asked to,
+and always a last one whose attribution is the run's result. Every window's
+output difference lands in one (windows, outputs) table; a heatmap at any point
+is Captum's average over covering windows of what the table holds (windows not
+computed yet: left out, or interpolated from drill-down's coarse pass).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from captum._utils.typing import TargetType
+
+from captum_krypton.approx import drilldown as dd
+from captum_krypton.approx.calibrate import Calibration, calibrate
+from captum_krypton.approx.settings import Approximation
+from captum_krypton.engine.occlusion import PreparedOcclusion
+
+Stage = Literal["exact", "approximate", "coarse", "refine"]
+
+
+@dataclass(frozen=True)
+class OcclusionProgress:
+    """A heatmap while `attribute` runs, and the final one.
+
+    attribution: shaped like Captum's result. Before every window has run, each
+        position averages the windows computed so far that cover it (NaN where
+        none does); with drill-down, windows not computed (yet) are interpolated
+        from the coarse pass.
+    stage: "exact" or "approximate" (one pass over every window), "coarse"
+        (drill-down's first pass) or "refine" (its second).
+    windows_done / windows_planned: windows computed so far / that this run will
+        compute (known once the coarse pass has chosen where to refine).
+    windows_total: windows of the requested grid, what exact occlusion computes.
+    complete: the last report of a run that was not cancelled.
+    """
+
+    attribution: torch.Tensor | tuple[torch.Tensor, ...]
+    stage: Stage
+    windows_done: int
+    windows_planned: int
+    windows_total: int
+    elapsed: float
+    complete: bool
+    approximation: Approximation
+
+
+@dataclass
+class OcclusionReport:
+    """What the last `attribute` call did (`IncrementalOcclusion.last_run`)."""
+
+    engine: Literal["incremental", "captum"]
+    approximation: Approximation
+    windows_computed: int
+    windows_total: int
+    seconds: float
+    cancelled: bool = False
+    calibration: Calibration | None = None
+
+
+class ProgressiveRun:
+    """Computes one attribution, stage by stage; iterate `steps()` to drive it."""
+
+    def __init__(
+        self,
+        prepare: Callable[[float], PreparedOcclusion],
+        target: TargetType,
+        batch_size: Callable[[PreparedOcclusion], int],
+        approximation: Approximation,
+        target_ssim: float | None = None,
+        cancel: threading.Event | None = None,
+        report_batches: bool = False,
+        on_batch: Callable[[int], None] | None = None,
+        on_planned: Callable[[int], None] | None = None,
+        format_result: Callable[[torch.Tensor], torch.Tensor | tuple] = lambda t: t,
+    ):
+        self._prepare = prepare
+        self._target = target
+        self._batch_size = batch_size
+        self.approximation = approximation
+        self._target_ssim = target_ssim
+        self._cancel = cancel
+        self._report_batches = report_batches
+        self._on_batch = on_batch
+        self._on_planned = on_planned
+        self._format = format_result
+        self.report: OcclusionReport | None = None
+        self.result: torch.Tensor | None = None
+
+    def steps(self) -> Iterator[OcclusionProgress]:
+        self._start = time.perf_counter()
+        drilling = self.approximation.drilldown is not None or self._target_ssim is not None
+        first = self._prepare(1.0 if drilling else self.approximation.tau)
+        self._first = first
+        self._grid = grid = first.grid
+        self._initial = first.initial_outputs(self._target)
+        self._dtype = self._initial.dtype
+        self._diffs = torch.empty(
+            (grid.num_windows, self._initial.shape[1]),
+            dtype=self._dtype,
+            device=self._initial.device,
+        )
+        self._computed = np.zeros(grid.num_windows, dtype=bool)
+        self._lattice: tuple[np.ndarray, ...] | None = None
+        self._lattice_ids = np.zeros(0, dtype=np.int64)
+        self._lattice_diffs: torch.Tensor | None = None
+        self._planned = grid.num_windows
+        self._stage: Stage = "exact" if self.approximation.exact else "approximate"
+        calibration = None
+        cancelled = False
+        try:
+            if not drilling:
+                yield from self._compute(first, np.arange(grid.num_windows), self._stage, True)
+            else:
+                self._lattice = dd.coarse_lattice(grid, self.approximation.drilldown_factor)
+                self._lattice_ids = dd.window_ids(grid.counts, self._lattice)
+                self._set_planned(len(self._lattice_ids))
+                yield from self._compute(first, self._lattice_ids, "coarse", False)
+                if self._target_ssim is not None:
+                    calibration = self._calibrate(first)
+                    self.approximation = calibration.approximation
+                scores = dd.refinement_scores(grid.counts, self._lattice, self._coarse_diffs())
+                order = dd.refinement_order(
+                    scores, self.approximation.drilldown or 1.0, self._computed
+                )
+                self._set_planned(int(self._computed.sum()) + len(order))
+                yield from self._compute(
+                    self._prepare(self.approximation.tau), order, "refine", True
+                )
+        except _Cancelled:
+            cancelled = True
+        self.result = self._format(self._heatmap())
+        done = int(self._computed.sum())
+        elapsed = time.perf_counter() - self._start
+        self.report = OcclusionReport(
+            "incremental",
+            self.approximation,
+            done,
+            grid.num_windows,
+            elapsed,
+            cancelled,
+            calibration,
+        )
+        yield OcclusionProgress(
+            self.result,
+            self._stage,
+            done,
+            self._planned,
+            grid.num_windows,
+            elapsed,
+            not cancelled,
+            self.approximation,
+        )
+
+    # ------------------------------------------------------------ internals
+    def _set_planned(self, planned: int) -> None:
+        self._planned = planned
+        if self._on_planned is not None:
+            self._on_planned(planned)
+
+    def _compute(
+        self, prepared: PreparedOcclusion, ids: np.ndarray, stage: Stage, last: bool
+    ) -> Iterator[OcclusionProgress]:
+        """Windows `ids` into the table; a report after each batch when asked, except
+        after the run's last batch (the final report follows)."""
+        self._stage = stage
+        self._check_cancel()
+        position = 0
+        batches = prepared.fill_diffs(
+            ids, self._target, self._batch_size(prepared), self._initial, self._diffs
+        )
+        try:
+            for count in batches:
+                self._computed[ids[position : position + count]] = True
+                position += count
+                if self._on_batch is not None:
+                    self._on_batch(count)
+                self._check_cancel()
+                if self._report_batches and not (last and position == len(ids)):
+                    yield self._progress()
+                    self._check_cancel()  # set while the report was being handled
+        finally:
+            batches.close()
+
+    def _check_cancel(self) -> None:
+        if self._cancel is not None and self._cancel.is_set():
+            raise _Cancelled
+
+    def _progress(self) -> OcclusionProgress:
+        return OcclusionProgress(
+            self._format(self._heatmap()),
+            self._stage,
+            int(self._computed.sum()),
+            self._planned,
+            self._grid.num_windows,
+            time.perf_counter() - self._start,
+            False,
+            self.approximation,
+        )
+
+    def _coarse_diffs(self) -> torch.Tensor:
+        """The coarse pass's differences, (lattice windows, outputs), float64 on the CPU."""
+        if self._lattice_diffs is None:
+            rows = torch.from_numpy(self._lattice_ids).to(self._diffs.device)
+            self._lattice_diffs = self._diffs[rows].to(torch.float64).cpu()
+        return self._lattice_diffs
+
+    def _heatmap(self) -> torch.Tensor:
+        """The attribution from what the table holds now."""
+        first = self._first
+        if self._computed.all():
+            return first.attribution_from(self._diffs, self._dtype)
+        if self._lattice is not None and self._computed[self._lattice_ids].all():
+            composed = dd.compose(
+                self._grid.counts,
+                self._lattice,
+                self._coarse_diffs(),
+                self._diffs,
+                self._computed,
+            )
+            return first.attribution_from(composed, self._dtype)
+        return first.partial_attribution(self._diffs, self._computed, self._dtype)
+
+    def _calibrate(self, exact: PreparedOcclusion) -> Calibration:
+        assert self._lattice is not None
+
+        def run_with_tau(tau: float, ids: np.ndarray) -> torch.Tensor:
+            prepared = self._prepare(tau)
+            scratch = torch.empty_like(self._diffs)
+            for _ in prepared.fill_diffs(
+                ids, self._target, self._batch_size(prepared), self._initial, scratch
+            ):
+                self._check_cancel()
+            return scratch[torch.from_numpy(ids).to(scratch.device)].to(torch.float64).cpu()
+
+        costs: dict[float, float] = {}
+
+        def seconds_per_window(tau: float) -> float:
+            if tau not in costs:
+                costs[tau] = self._prepare(tau).plan.cost_per_row
+            return costs[tau]
+
+        def heatmap(diffs: torch.Tensor) -> torch.Tensor:
+            return exact.attribution_from(diffs, self._dtype)
+
+        return calibrate(
+            self._target_ssim,
+            self._grid.counts,
+            self._lattice,
+            self._coarse_diffs(),
+            heatmap,
+            run_with_tau,
+            seconds_per_window,
+            self.approximation.drilldown_factor,
+        )
+
+
+class _Cancelled(Exception):
+    """The caller's cancel event was set: stop after the batch that just finished."""
