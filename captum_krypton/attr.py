@@ -141,7 +141,7 @@ class IncrementalOcclusion(Occlusion):
         cuda_graphs: bool = False,
         tau: float = 1.0,
         drilldown: float | None = None,
-        drilldown_factor: int = 2,
+        drilldown_factor: int = 4,
         target_ssim: float | None = None,
         on_progress: Callable[[OcclusionProgress], object] | None = None,
         cancel: threading.Event | None = None,
@@ -183,6 +183,8 @@ class IncrementalOcclusion(Occlusion):
                 Windows left out are interpolated from the coarse pass; the result
                 keeps Captum's shape. Never computes more windows than exact mode.
             drilldown_factor: the coarse pass's spacing, in windows (at least 2).
+                4 suits heatmaps of 224-pixel inputs with 16-pixel windows; maps
+                with finer detail than the coarse spacing want 2.
             target_ssim: in (0, 1): choose `tau` and `drilldown` from a calibration
                 on these inputs (on drill-down's coarse pass) so that the heatmap's
                 SSIM vs exact is expected to reach it; the choice is reported in
@@ -243,7 +245,7 @@ class IncrementalOcclusion(Occlusion):
         cuda_graphs: bool = False,
         tau: float = 1.0,
         drilldown: float | None = None,
-        drilldown_factor: int = 2,
+        drilldown_factor: int = 4,
         target_ssim: float | None = None,
         cancel: threading.Event | None = None,
         report_batches: bool = True,
@@ -288,21 +290,8 @@ class IncrementalOcclusion(Occlusion):
             yield self._captum_run(captum_args)
             return
 
-        ready_by_tau = {prepared.plan.tau: prepared}
-
         def prepare(tau: float) -> PreparedOcclusion:
-            ready = ready_by_tau.get(tau)
-            if ready is None:
-                ready = ready_by_tau[tau] = self._prepare(
-                    inputs,
-                    sliding_window_shapes,
-                    strides,
-                    baselines,
-                    additional_forward_args,
-                    perturbations_per_eval,
-                    full_threshold,
-                    tau,
-                )
+            ready = prepared.with_tau(tau)
             ready.use_triton = use_triton(kernels, ready.inputs.device)
             # Graphs need kernels that never wait on the host: the Triton ones.
             ready.use_cuda_graphs = (

@@ -73,7 +73,7 @@ def test_drilldown_never_computes_more_windows_than_exact(fraction):
     report = occlusion.last_run
     total = 17 * 17
     assert report.windows_total == total
-    lattice = len(dd.lattice_indices(17, 2)) ** 2
+    lattice = len(dd.lattice_indices(17, 4)) ** 2
     assert report.windows_computed <= total
     assert report.windows_computed <= lattice + math.ceil(fraction * total)
     assert report.windows_computed >= max(lattice, math.ceil(fraction * total))

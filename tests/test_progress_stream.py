@@ -65,7 +65,7 @@ def test_drilldown_stream_shows_the_coarse_map_first_then_refines():
     # After the coarse pass the whole map is estimated (interpolated): no NaN.
     first_refine = next(r for r in reports if r.stage == "refine")
     assert torch.isfinite(first_refine.attribution).all()
-    assert coarse_done.windows_done == 11 * 11  # lattice of 21 windows per dim, factor 2
+    assert coarse_done.windows_done == 6 * 6  # 21 windows per dim, every 4th and the last
     assert reports[-1].attribution is result
     assert (
         reports[-1].windows_done
@@ -101,7 +101,9 @@ def test_cancel_returns_the_map_so_far_and_leaves_the_engine_reusable(options):
     )
     assert occlusion.last_run.cancelled
     assert seen[-1].attribution is partial and not seen[-1].complete
-    assert occlusion.last_run.windows_computed == seen[-1].windows_done == 40
+    # Nothing ran after the report during which cancel was set.
+    assert occlusion.last_run.windows_computed == seen[-1].windows_done == seen[1].windows_done
+    assert seen[-1].windows_done < seen[-1].windows_total
     assert partial.shape == (1, 3, 24, 24)
     # The engine is fine afterwards: a plain call equals Captum.
     expected = Occlusion(model).attribute(inputs, perturbations_per_eval=64, **ARGS)

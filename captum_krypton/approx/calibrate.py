@@ -8,7 +8,8 @@ reference. Two errors are estimated on it, as 1 - SSIM of heatmaps:
   from the whole lattice. Its spacing is twice the real one, so this errs high.
 - tau: a few candidate thresholds run on the sub-lattice's windows (a binary
   search over TAU_CANDIDATES, assuming quality grows with tau) and their heatmaps
-  are compared with the exact windows' heatmap.
+  are compared with the exact windows' heatmap; skipped where the plans estimate
+  that even the smallest tau saves little.
 The errors are taken to add up; of the measured pairs whose summed error stays
 within SAFETY x (1 - target), the cheapest by the plans' estimated time per
 window wins.
@@ -27,12 +28,16 @@ from captum_krypton.approx.quality import attribution_ssim
 from captum_krypton.approx.settings import Approximation
 
 TAU_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-FRACTION_CANDIDATES = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)
+FRACTION_CANDIDATES = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8)
 #: Share of the allowed error (1 - target) the estimates may use: they are
 #: measured on coarse heatmaps, which hide some of the fine-grid error.
 SAFETY = 0.6
 #: Drill-down needs this many lattice points along some spatial dim to pay off.
 MIN_LATTICE_SIDE = 4
+#: tau is searched only when the smallest candidate's plan is estimated at least
+#: this much cheaper per window than the exact plan (otherwise the search would
+#: cost more than it can save).
+MIN_TAU_GAIN = 1.25
 
 
 @dataclass
@@ -97,7 +102,8 @@ def calibrate(
 
     # Half the allowed error for drill-down, the rest for the search over tau.
     half = _cheapest_fraction(fraction_errors, allowed / 2)
-    _smallest_tau(tau_error, allowed - fraction_errors[half])
+    if seconds_per_window(1.0) >= MIN_TAU_GAIN * seconds_per_window(TAU_CANDIDATES[0]):
+        _smallest_tau(tau_error, allowed - fraction_errors[half])
 
     # The cheapest measured pair within the allowed error (the lattice has run
     # already, whatever is chosen).

@@ -27,6 +27,10 @@ def attribution_ssim(approximate: torch.Tensor, exact: torch.Tensor) -> np.ndarr
     for a, e in zip(ours, reference):
         if a.ndim == 1:  # no spatial dims: one value per channel
             a, e = a[:, None], e[:, None]
+        if (a == a[:1]).all() and (e == e[:1]).all():
+            # Windows spanning every channel give the same map on each: SSIM over
+            # channels is then that of one channel, at a third of the work.
+            a, e = a[:1], e[:1]
         data_range = float(e.max() - e.min())
         if data_range == 0.0:
             scores.append(1.0 if np.array_equal(a, e) else 0.0)

@@ -22,7 +22,7 @@ class Approximation:
 
     tau: float = 1.0
     drilldown: float | None = None
-    drilldown_factor: int = 2
+    drilldown_factor: int = 4
     estimated_ssim: float | None = None
 
     def __post_init__(self) -> None:

@@ -24,9 +24,18 @@ class Views:
     and device copies of per-window offsets, made once per attribution so that
     window batches never wait on host-to-device copies."""
 
-    def __init__(self, env: dict[fx.Node, Any], device_arrays: dict | None = None):
+    def __init__(
+        self,
+        env: dict[fx.Node, Any],
+        device_arrays: dict | None = None,
+        shared_copies: Views | None = None,
+    ):
         self.env = env
-        self._channels_last: dict[tuple, torch.Tensor] = {}
+        # Copies of the clean values depend on the clean run only: views of the same
+        # run under another plan share them.
+        self._channels_last: dict[tuple, torch.Tensor] = (
+            {} if shared_copies is None else shared_copies._channels_last
+        )
         # Offsets depend on the plan only: a reused plan brings its device copies.
         self._device_arrays: dict[tuple, torch.Tensor] = (
             {} if device_arrays is None else device_arrays

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -100,6 +101,7 @@ class PreparedOcclusion:
     output: torch.Tensor
     use_triton: bool = False
     use_cuda_graphs: bool = False
+    full_threshold: float | None = None
 
     @classmethod
     def prepare(
@@ -130,28 +132,27 @@ class PreparedOcclusion:
                 "the output does not have one row per example (aggregated output)"
             )
         grid = WindowGrid(tuple(inputs.shape[1:]), tuple(window), tuple(strides))
-        examples = inputs.shape[0]
-        rows = max(1, min(grid.num_windows, PLANNING_ROWS // examples)) * examples
-        key = (
-            tuple(inputs.shape),
-            inputs.dtype,
-            inputs.device,
-            tuple(window),
-            tuple(strides),
-            full_threshold,
-            rows,
-            tau,
-            torch.backends.cudnn.allow_tf32,
-            captured.state_key(),
+        plan = _cached_plan(captured, env, inputs, grid, full_threshold, tau)
+        return cls(
+            captured,
+            inputs,
+            baseline,
+            grid,
+            Views(env, plan.device_arrays),
+            plan,
+            output,
+            full_threshold=full_threshold,
         )
-        plan = captured.plans.get(key)
-        if plan is None or not plan.fits(env):
-            plan = build_plan(captured, env, grid.input_geometry(), full_threshold, rows, tau)
-            plan.release_values()
-            while len(captured.plans) >= MAX_CACHED_PLANS:
-                captured.plans.pop(next(iter(captured.plans)))
-            captured.plans[key] = plan
-        return cls(captured, inputs, baseline, grid, Views(env, plan.device_arrays), plan, output)
+
+    def with_tau(self, tau: float) -> PreparedOcclusion:
+        """The same input and windows under another projective-field threshold: the
+        clean run's values are shared, only the plan differs."""
+        if tau == self.plan.tau:
+            return self
+        env = self.views.env
+        plan = _cached_plan(self.captured, env, self.inputs, self.grid, self.full_threshold, tau)
+        views = Views(env, plan.device_arrays, shared_copies=self.views)
+        return dataclasses.replace(self, plan=plan, views=views)
 
     def windows_per_batch(self, memory_budget: int | None) -> int:
         budget = memory_budget or default_memory_budget(self.inputs.device)
@@ -274,6 +275,40 @@ class PreparedOcclusion:
                 diffs[ids] = flat_initial - modified.reshape(-1, num_outputs)
                 position += count
                 yield count
+
+
+def _cached_plan(
+    captured: CapturedGraph,
+    env: dict,
+    inputs: torch.Tensor,
+    grid: WindowGrid,
+    full_threshold: float | None,
+    tau: float,
+) -> RegionPlan:
+    """The plan for these settings, from the model's cache while everything it
+    depends on is unchanged, else built and cached."""
+    examples = inputs.shape[0]
+    rows = max(1, min(grid.num_windows, PLANNING_ROWS // examples)) * examples
+    key = (
+        tuple(inputs.shape),
+        inputs.dtype,
+        inputs.device,
+        grid.window,
+        grid.strides,
+        full_threshold,
+        rows,
+        tau,
+        torch.backends.cudnn.allow_tf32,
+        captured.state_key(),
+    )
+    plan = captured.plans.get(key)
+    if plan is None or not plan.fits(env):
+        plan = build_plan(captured, env, grid.input_geometry(), full_threshold, rows, tau)
+        plan.release_values()
+        while len(captured.plans) >= MAX_CACHED_PLANS:
+            captured.plans.pop(next(iter(captured.plans)))
+        captured.plans[key] = plan
+    return plan
 
 
 class GraphedBatch:
