@@ -219,6 +219,20 @@ class PreparedOcclusion:
         result = total.to(dtype).float() / count.float()
         return result.to(self.inputs.device)
 
+    def cell_heatmap(self, diffs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`attribution_from`, kept on the CPU and averaged over stride-sized cells
+        (where a window's edges fall on stride multiples, every position of a cell
+        is covered by the same windows): what calibration compares, at a fraction
+        of the cost of full-resolution SSIM."""
+        total, count = self.grid.accumulate(diffs)
+        heatmap = total.to(dtype).float() / count.float()
+        spatial = heatmap.dim() - 2
+        strides = self.grid.strides[1:]
+        if 1 <= spatial <= 3 and any(s > 1 for s in strides):
+            pool = getattr(torch.nn.functional, f"avg_pool{spatial}d")
+            heatmap = pool(heatmap, strides, strides, ceil_mode=True)
+        return heatmap
+
     def partial_attribution(
         self, diffs: torch.Tensor, computed: np.ndarray, dtype: torch.dtype
     ) -> torch.Tensor:
@@ -254,6 +268,9 @@ class PreparedOcclusion:
                 count = min(windows_per_batch, len(window_ids) - position)
                 batch_ids = window_ids[position : position + count]
                 ids = torch.from_numpy(np.ascontiguousarray(batch_ids, dtype=np.int64)).to(device)
+                padded = ids
+                if device.type == "cuda" and count < windows_per_batch:
+                    padded = _pad_to_bucket(ids, windows_per_batch)
                 try:
                     if self.use_cuda_graphs and count == windows_per_batch:
                         if graphed is None or graphed.size != count:
@@ -263,7 +280,7 @@ class PreparedOcclusion:
                             continue
                         output = graphed.run(ids)
                     else:
-                        output = self.run_window_ids(ids)
+                        output = self.run_window_ids(padded)[: count * self.inputs.shape[0]]
                 except torch.cuda.OutOfMemoryError:
                     if windows_per_batch == 1:
                         raise
@@ -275,6 +292,21 @@ class PreparedOcclusion:
                 diffs[ids] = flat_initial - modified.reshape(-1, num_outputs)
                 position += count
                 yield count
+
+
+#: On CUDA a partial batch is padded up to a multiple of this many windows: with
+#: cuDNN's algorithm search on, every new batch shape costs a search, and
+#: drill-down's batches would otherwise take a new size on every call.
+CUDA_BATCH_BUCKET = 64
+
+
+def _pad_to_bucket(ids: torch.Tensor, limit: int) -> torch.Tensor:
+    """`ids` with its last id repeated up to the next multiple of CUDA_BATCH_BUCKET
+    (at most `limit`); the extra rows are computed and dropped."""
+    size = min(limit, -(-len(ids) // CUDA_BATCH_BUCKET) * CUDA_BATCH_BUCKET)
+    if size <= len(ids):
+        return ids
+    return torch.cat([ids, ids[-1:].expand(size - len(ids))])
 
 
 def _cached_plan(

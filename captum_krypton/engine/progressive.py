@@ -250,7 +250,7 @@ class ProgressiveRun:
             return costs[tau]
 
         def heatmap(diffs: torch.Tensor) -> torch.Tensor:
-            return exact.attribution_from(diffs, self._dtype)
+            return exact.cell_heatmap(diffs, self._dtype)
 
         return calibrate(
             self._target_ssim,
