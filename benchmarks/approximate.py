@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vgg16", "resnet18", "inception_v3"])
     parser.add_argument("--train-steps", type=int, default=400)
     parser.add_argument("--images", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
