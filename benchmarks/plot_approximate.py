@@ -1,6 +1,6 @@
 """Plot speedup vs heatmap SSIM from results/approximate.json into docs/approximate.png.
 
-    python benchmarks/plot_approximate.py [--results PATH] [--out PATH]
+python benchmarks/plot_approximate.py [--results PATH] [--out PATH]
 """
 
 from __future__ import annotations
