@@ -93,6 +93,22 @@ def _approximation(
     return Approximation(tau, drilldown, drilldown_factor)
 
 
+def _windows_inside(grid: WindowGrid, region: tuple[int, ...]) -> np.ndarray:
+    """Ids of the windows whose spatial extent lies inside `region` ((*starts,
+    *ends) over the spatial dims, half-open)."""
+    spatial = len(grid.shape) - 1
+    if len(region) != 2 * spatial or any(not isinstance(v, (int, np.integer)) for v in region):
+        raise ValueError(
+            f"region must be {2 * spatial} integers (starts, then ends), not {region!r}"
+        )
+    starts, ends = np.asarray(region[:spatial]), np.asarray(region[spatial:])
+    lo, hi = grid.all_bounds
+    inside = ((lo[:, 1:] >= starts) & (hi[:, 1:] <= ends)).all(axis=1)
+    if not inside.any():
+        raise ValueError(f"no window of the grid lies inside region {tuple(region)}")
+    return np.flatnonzero(inside)
+
+
 def _captum_window_count(inputs: Any, sliding_window_shapes: Any, strides: Any) -> int:
     """How many windows Captum's Occlusion evaluates for these arguments."""
     formatted = _format_tensor_into_tuples(inputs)
@@ -145,6 +161,7 @@ class IncrementalOcclusion(Occlusion):
         target_ssim: float | None = None,
         on_progress: Callable[[OcclusionProgress], object] | None = None,
         cancel: threading.Event | None = None,
+        region: tuple[int, ...] | None = None,
     ) -> TensorOrTupleOfTensorsGeneric:
         """Occlusion attributions, as `captum.attr.Occlusion.attribute` computes them.
 
@@ -196,6 +213,10 @@ class IncrementalOcclusion(Occlusion):
                 in flight and returns the heatmap so far (NaN where no computed
                 window covers; `last_run.cancelled` is True). Plans and caches stay
                 valid for the next call.
+            region: (top, left, bottom, right) in input positions (half-open): only
+                the windows lying inside it run (Krypton's interactive mode);
+                positions no computed window covers are NaN. Not with drill-down
+                or a target SSIM.
 
         `self.last_run` describes the call: engine, approximation settings, windows
         computed, seconds, whether it was cancelled.
@@ -220,6 +241,7 @@ class IncrementalOcclusion(Occlusion):
             drilldown_factor=drilldown_factor,
             target_ssim=target_ssim,
             cancel=cancel,
+            region=region,
             report_batches=on_progress is not None,
         ):
             if on_progress is not None:
@@ -248,6 +270,7 @@ class IncrementalOcclusion(Occlusion):
         drilldown_factor: int = 4,
         target_ssim: float | None = None,
         cancel: threading.Event | None = None,
+        region: tuple[int, ...] | None = None,
         report_batches: bool = True,
     ) -> Iterator[OcclusionProgress]:
         """`attribute` as an iterator of `OcclusionProgress`: a heatmap after every
@@ -255,6 +278,8 @@ class IncrementalOcclusion(Occlusion):
         `attribution` is what `attribute` returns. Closing the iterator early stops
         the run after the batch in flight; the engine stays reusable."""
         approximation = _approximation(tau, drilldown, drilldown_factor, target_ssim)
+        if region is not None and (drilldown is not None or target_ssim is not None):
+            raise ValueError("region computes the windows inside it: not with drill-down")
         if engine not in ("auto", "incremental", "captum"):
             raise ValueError(f"engine must be 'auto', 'incremental' or 'captum', not {engine!r}")
         if windows_per_batch is not None and windows_per_batch < 1:
@@ -322,6 +347,7 @@ class IncrementalOcclusion(Occlusion):
             on_batch=bar.update,
             on_planned=set_bar_total,
             format_result=lambda result: _format_output(_is_tuple(inputs), (result,)),
+            window_ids=None if region is None else _windows_inside(prepared.grid, region),
         )
         try:
             yield from run.steps()

@@ -82,6 +82,7 @@ class ProgressiveRun:
         on_batch: Callable[[int], None] | None = None,
         on_planned: Callable[[int], None] | None = None,
         format_result: Callable[[torch.Tensor], torch.Tensor | tuple] = lambda t: t,
+        window_ids: np.ndarray | None = None,
     ):
         self._prepare = prepare
         self._target = target
@@ -93,6 +94,7 @@ class ProgressiveRun:
         self._on_batch = on_batch
         self._on_planned = on_planned
         self._format = format_result
+        self._window_ids = window_ids  # only these windows (None: every one)
         self.report: OcclusionReport | None = None
         self.result: torch.Tensor | None = None
 
@@ -113,13 +115,14 @@ class ProgressiveRun:
         self._lattice: tuple[np.ndarray, ...] | None = None
         self._lattice_ids = np.zeros(0, dtype=np.int64)
         self._lattice_diffs: torch.Tensor | None = None
-        self._planned = grid.num_windows
+        ids = np.arange(grid.num_windows) if self._window_ids is None else self._window_ids
+        self._planned = len(ids)
         self._stage: Stage = "exact" if self.approximation.exact else "approximate"
         calibration = None
         cancelled = False
         try:
             if not drilling:
-                yield from self._compute(first, np.arange(grid.num_windows), self._stage, True)
+                yield from self._compute(first, ids, self._stage, True)
             else:
                 self._lattice = dd.coarse_lattice(grid, self.approximation.drilldown_factor)
                 self._lattice_ids = dd.window_ids(grid.counts, self._lattice)

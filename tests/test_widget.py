@@ -1,0 +1,187 @@
+"""The notebook widget's Python side, without a browser: traits, buffers, runs,
+cancel and restart, errors, probes, saving."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from captum.attr import Occlusion
+
+pytest.importorskip("anywidget")
+from captum_krypton.widget import OcclusionWidget  # noqa: E402
+
+from tests import models  # noqa: E402
+
+WAIT = 60
+
+
+def _heatmap(widget):
+    height, width = widget.image_size
+    return np.frombuffer(widget.heatmap, dtype=np.float32).reshape(height, width)
+
+
+@pytest.fixture
+def model():
+    return models.small_cnn()
+
+
+@pytest.fixture
+def image():
+    return torch.randn(3, 20, 20)
+
+
+def test_a_run_sends_captums_numbers_as_a_float32_buffer(model, image):
+    widget = OcclusionWidget(model, image, window=4, stride=2, target=1)
+    assert widget.wait(WAIT) and not widget.running and widget.error == ""
+    expected = Occlusion(model).attribute(
+        image[None], (3, 4, 4), strides=(3, 2, 2), target=1, perturbations_per_eval=32
+    )
+    torch.testing.assert_close(widget.attribution, expected, rtol=0, atol=1e-5)
+    assert isinstance(widget.heatmap, bytes) and len(widget.heatmap) == 20 * 20 * 4
+    np.testing.assert_allclose(_heatmap(widget), expected[0].mean(0).numpy(), atol=1e-5)
+    heat = _heatmap(widget)
+    lo, hi = widget.value_range
+    if heat.min() < 0 < heat.max():  # signed: symmetric range for a diverging colormap
+        assert -lo == hi == pytest.approx(float(np.abs(heat).max()))
+    else:
+        assert (lo, hi) == pytest.approx((float(heat.min()), float(heat.max())))
+    assert len(widget.image_rgba) == 20 * 20 * 4
+    assert widget.progress["done"] == widget.progress["planned"] == 81
+    assert widget.run_count == 1 and "81 of 81 windows" in widget.status
+    assert "Captum" in widget.status
+
+
+def test_colormap_lookup_table_is_matplotlibs(model, image):
+    widget = OcclusionWidget(model, image, autorun=False)
+    widget.colormap = "inferno"
+    expected = matplotlib.colormaps["inferno"](np.linspace(0, 1, 256), bytes=True)
+    assert widget.colormap_lut == expected.astype(np.uint8).tobytes()
+    assert widget.run_count == 0 and not widget.running  # colours start no run
+
+
+def test_top_classes_and_default_target(model, image):
+    labels = ["a", "b", "c", "d", "e"]
+    widget = OcclusionWidget(model, image, labels=labels, autorun=False)
+    with torch.no_grad():
+        probabilities = torch.softmax(model(image[None])[0], 0)
+    assert [c["index"] for c in widget.classes] == probabilities.argsort(descending=True).tolist()
+    assert widget.target == widget.classes[0]["index"]
+    assert widget.classes[0]["label"] == labels[widget.target]
+    assert widget.classes[0]["probability"] == pytest.approx(float(probabilities.max()))
+
+
+def test_cancel_keeps_the_map_so_far_and_a_new_setting_runs_again(model):
+    image = torch.randn(3, 24, 24)
+    widget = OcclusionWidget(model, image, window=4, stride=1, windows_per_batch=1)
+    widget.cancel()
+    assert widget.wait(WAIT) and not widget.running
+    assert widget.run_count == 1 and widget.attribution is None
+    assert widget.progress["done"] < widget.progress["planned"] == 441
+    assert widget.status.startswith("cancelled after")
+
+    widget.stride = 4
+    assert widget.wait(WAIT) and widget.run_count == 2 and widget.attribution is not None
+    assert widget.progress["done"] == widget.progress["planned"] == 36
+
+
+def test_changing_a_setting_mid_run_cancels_it_and_runs_the_new_one(model):
+    image = torch.randn(3, 40, 40)
+    widget = OcclusionWidget(model, image, window=4, stride=1, windows_per_batch=4)
+    widget.stride = 4  # while the first run (1369 windows in batches of 4) is going
+    assert widget.wait(WAIT) and not widget.running
+    assert widget.run_count == 2
+    assert "cancelled" not in widget.status and widget.progress["total"] == 100
+    expected = Occlusion(model).attribute(
+        image[None], (3, 4, 4), strides=(3, 4, 4), target=widget.target
+    )
+    torch.testing.assert_close(widget.attribution, expected, rtol=0, atol=1e-5)
+
+
+def test_compute_and_cancel_messages_from_the_front_end(model, image):
+    widget = OcclusionWidget(model, image, window=4, stride=2, autorun=False)
+    widget._handle_custom_msg({"type": "compute"}, [])
+    assert widget.wait(WAIT) and widget.run_count == 1
+    widget._handle_custom_msg({"type": "cancel"}, [])  # nothing running: harmless
+    assert not widget.running and widget.error == ""
+
+
+def test_approximate_settings_reach_the_engine(model):
+    image = torch.randn(3, 32, 32)
+    widget = OcclusionWidget(model, image, window=4, stride=1)
+    widget.wait(WAIT)
+    with widget.hold_trait_notifications():
+        widget.approximate = True
+        widget.drilldown = 0.2
+    assert widget.wait(WAIT)
+    report = widget.occlusion.last_run
+    assert report.approximation.drilldown == 0.2 and report.windows_computed < 29 * 29
+    assert "SSIM vs exact" in widget.status  # the exact map of these settings is known
+
+
+def test_region_of_interest_computes_only_windows_inside(model):
+    image = torch.randn(3, 20, 20)
+    widget = OcclusionWidget(model, image, window=4, stride=2, autorun=False)
+    widget.roi = [0, 0, 10, 20]
+    assert widget.wait(WAIT)
+    heat = _heatmap(widget)
+    assert np.isfinite(heat[:10]).all() and np.isnan(heat[10:]).all()
+    assert widget.occlusion.last_run.windows_computed == 4 * 9
+
+
+def test_a_model_error_is_shown_and_the_widget_stays_usable(model, image):
+    class Flaky(torch.nn.Module):
+        broken = False
+
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            if self.broken:
+                raise RuntimeError("the model failed on purpose")
+            return self.inner(x)
+
+    flaky = Flaky()
+    # Captum's path calls forward for every batch, so the flag takes effect at once
+    # (a traced graph would keep the branch it saw when it was traced).
+    widget = OcclusionWidget(flaky, image, window=4, stride=4, engine="captum")
+    assert widget.wait(WAIT) and widget.error == ""
+    flaky.broken = True
+    widget.compute()
+    assert widget.wait(WAIT)
+    assert "failed on purpose" in widget.error and not widget.running
+    flaky.broken = False
+    widget.compute()
+    assert widget.wait(WAIT) and widget.error == "" and widget.attribution is not None
+
+
+def test_probe_reports_the_occluded_windows_probability_drop(model, image):
+    widget = OcclusionWidget(model, image, window=6, autorun=False)
+    widget._handle_custom_msg({"type": "probe", "y": 1, "x": 19}, [])
+    probe = widget.probe
+    assert probe["window"] == [0, 14, 6, 20]  # centred, moved inside the image
+    occluded = image.clone()
+    occluded[:, 0:6, 14:20] = 0
+    with torch.no_grad():
+        before = torch.softmax(model(image[None]), 1)[0, widget.target]
+        after = torch.softmax(model(occluded[None]), 1)[0, widget.target]
+    assert probe["probability_before"] == pytest.approx(float(before))
+    assert probe["probability_after"] == pytest.approx(float(after))
+    assert len(widget.probe_rgba) == 20 * 20 * 4
+
+
+def test_save_png(model, image, tmp_path):
+    widget = OcclusionWidget(model, image, window=4, stride=4, autorun=False)
+    with pytest.raises(RuntimeError, match="no complete attribution"):
+        widget.save_png(tmp_path / "none.png")
+    widget.compute()
+    widget.wait(WAIT)
+    widget.save_png(tmp_path / "map.png")
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_image_shape_is_refused(model):
+    with pytest.raises(ValueError, match="image must be"):
+        OcclusionWidget(model, torch.randn(2, 3, 8, 8))

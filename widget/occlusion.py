@@ -1,0 +1,408 @@
+"""OcclusionWidget: an anywidget that shows IncrementalOcclusion's heatmap live.
+
+Python owns the computation and the colours: runs go to a worker thread (so the
+controls answer while a run is going), every progress report is sent to the
+front end as a float32 buffer, and colormaps come from matplotlib as 256-entry
+lookup tables. The front end (js/widget.js) draws, reads controls and mouse
+input, and sends three messages: compute, cancel and probe.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anywidget
+import matplotlib
+import numpy as np
+import torch
+import traitlets
+
+from captum_krypton import IncrementalOcclusion, OcclusionProgress, attribution_ssim
+
+
+def _static_dir() -> Path:
+    """The front end's files: `static/` beside this module in an installed wheel,
+    the repository's `js/` in a source checkout (editable install)."""
+    installed = Path(__file__).with_name("static")
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "js"
+
+
+STATIC = _static_dir()
+
+#: Settings whose change starts a new run (cancelling one in progress).
+RUN_SETTINGS = (
+    "window",
+    "stride",
+    "approximate",
+    "tau",
+    "drilldown",
+    "target_ssim",
+    "target",
+    "roi",
+)
+#: Classes offered in the target menu.
+TOP_CLASSES = 5
+#: Captum's batch for the time estimate of its own Occlusion.
+CAPTUM_BATCH = 64
+
+
+class OcclusionWidget(anywidget.AnyWidget):
+    """The occlusion heatmap of `model` on `image`, computed live, with controls.
+
+    model: a CNN returning class scores (N, classes); image: its input, (C, H, W)
+    or (1, C, H, W), already normalized. target: class to explain (default: the
+    top class). labels: class names (a sequence, or a mapping index -> name).
+    window, stride: the occlusion window side and stride, in pixels (the window
+    spans all channels). display_image: what to draw under the heatmap ((H, W, 3)
+    or (3, H, W) in [0, 1]); default: the input, scaled to [0, 1].
+    attribute_options: passed on to `IncrementalOcclusion.attribute` (for example
+    `baselines=` or `kernels=`).
+    """
+
+    _esm = STATIC / "widget.js"
+    _css = STATIC / "widget.css"
+
+    image_rgba = traitlets.Bytes(b"").tag(sync=True)
+    image_size = traitlets.List(traitlets.Int(), default_value=[0, 0]).tag(sync=True)
+    heatmap = traitlets.Bytes(b"").tag(sync=True)
+    value_range = traitlets.List(traitlets.Float(), default_value=[0.0, 0.0]).tag(sync=True)
+    colormap = traitlets.Unicode("auto").tag(sync=True)
+    colormap_lut = traitlets.Bytes(b"").tag(sync=True)
+    opacity = traitlets.Float(0.6, min=0.0, max=1.0).tag(sync=True)
+
+    window = traitlets.Int(12, min=1).tag(sync=True)
+    stride = traitlets.Int(6, min=1).tag(sync=True)
+    approximate = traitlets.Bool(False).tag(sync=True)
+    tau = traitlets.Float(1.0).tag(sync=True)
+    drilldown = traitlets.Float(0.0).tag(sync=True)
+    target_ssim = traitlets.Float(0.0).tag(sync=True)
+    target = traitlets.Int(0).tag(sync=True)
+    classes = traitlets.List(traitlets.Dict()).tag(sync=True)
+    roi = traitlets.List(traitlets.Int()).tag(sync=True)
+
+    running = traitlets.Bool(False).tag(sync=True)
+    progress = traitlets.Dict().tag(sync=True)
+    status = traitlets.Unicode("").tag(sync=True)
+    error = traitlets.Unicode("").tag(sync=True)
+    run_count = traitlets.Int(0).tag(sync=True)
+    probe = traitlets.Dict().tag(sync=True)
+    probe_rgba = traitlets.Bytes(b"").tag(sync=True)
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        image: torch.Tensor,
+        target: int | None = None,
+        labels: Sequence[str] | Mapping[int, str] | None = None,
+        window: int = 12,
+        stride: int = 6,
+        display_image: Any = None,
+        autorun: bool = True,
+        **attribute_options: Any,
+    ) -> None:
+        inputs = image if image.dim() == 4 else image.unsqueeze(0)
+        if inputs.dim() != 4 or inputs.shape[0] != 1:
+            raise ValueError(f"image must be (C, H, W) or (1, C, H, W), not {tuple(image.shape)}")
+        self.model = model
+        self.inputs = inputs
+        self.attribute_options = attribute_options
+        self.occlusion = IncrementalOcclusion(model)
+        #: The last complete run's attribution, shaped like Captum's (or None).
+        self.attribution: torch.Tensor | None = None
+        self._labels = labels
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._generation = 0
+        self._exact: dict[tuple, torch.Tensor] = {}
+        self._captum_seconds_per_batch: float | None = None
+        self._display = _display_rgb(display_image, inputs[0])
+        classes = self._top_classes()
+        super().__init__(
+            image_rgba=_rgba_bytes(self._display),
+            image_size=list(self._display.shape[:2]),
+            classes=classes,
+            target=classes[0]["index"] if target is None else int(target),
+            window=window,
+            stride=stride,
+        )
+        self._set_colormap()
+        self.on_msg(self._on_message)
+        self.observe(self._restart, names=list(RUN_SETTINGS))
+        if autorun:
+            self.compute()
+
+    # ------------------------------------------------------------ public
+    def compute(self) -> None:
+        """Start a run with the current settings (cancelling one in progress)."""
+        with self._lock:
+            self._cancel.set()
+            previous = self._worker
+            self._generation += 1
+            self._cancel = threading.Event()
+            self._worker = threading.Thread(
+                target=self._run,
+                args=(self._generation, self._cancel, previous, self._options()),
+                daemon=True,
+            )
+            self.running = True
+            self._worker.start()
+
+    def cancel(self) -> None:
+        """Stop the run in progress after the batch in flight; its map so far stays."""
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the current run to end; False if it is still going after `timeout`."""
+        worker = self._worker
+        if worker is not None:
+            worker.join(timeout)
+            return not worker.is_alive()
+        return True
+
+    def save_png(self, path: str | Path) -> None:
+        """The image with the last heatmap blended over it, with a colour bar
+        (Captum's `visualize_image_attr`)."""
+        from captum.attr import visualization
+
+        if self.attribution is None:
+            raise RuntimeError("no complete attribution yet: wait for a run to finish")
+        attribution = self.attribution[0].detach().cpu().permute(1, 2, 0).numpy()
+        attribution = np.nan_to_num(attribution)  # a region's map: nothing outside it
+        figure, _ = visualization.visualize_image_attr(
+            attribution,
+            self._display,
+            method="blended_heat_map",
+            sign="all" if attribution.min() < 0 < attribution.max() else "absolute_value",
+            alpha_overlay=self.opacity,
+            show_colorbar=True,
+            use_pyplot=False,
+        )
+        figure.savefig(path)
+
+    # ------------------------------------------------------------ runs
+    def _options(self) -> dict[str, Any]:
+        window = min(self.window, *self.inputs.shape[2:])
+        options: dict[str, Any] = dict(
+            sliding_window_shapes=(self.inputs.shape[1], window, window),
+            strides=(
+                self.inputs.shape[1],
+                max(1, min(self.stride, window)),
+                max(1, min(self.stride, window)),
+            ),
+            target=self.target,
+            **self.attribute_options,
+        )
+        if self.approximate:
+            if self.target_ssim > 0:
+                options["target_ssim"] = self.target_ssim
+            else:
+                options["tau"] = self.tau
+                if self.drilldown > 0 and not self.roi:
+                    options["drilldown"] = self.drilldown
+        if self.roi:
+            options["region"] = tuple(int(v) for v in self.roi)
+            options.pop("target_ssim", None)
+        return options
+
+    def _restart(self, change: dict) -> None:
+        self.compute()
+
+    @traitlets.observe("colormap")
+    def _colormap_changed(self, change: dict) -> None:
+        self._set_colormap()
+
+    def _run(
+        self,
+        generation: int,
+        cancel: threading.Event,
+        previous: threading.Thread | None,
+        options: dict[str, Any],
+    ) -> None:
+        if previous is not None:
+            previous.join()  # one run at a time uses the engine
+        if cancel.is_set():
+            return
+        started = time.perf_counter()
+        self.error = ""
+        report: OcclusionProgress | None = None
+        try:
+            for report in self.occlusion.attribute_stream(self.inputs, cancel=cancel, **options):
+                if generation != self._generation:
+                    break
+                self._show(report)
+        except Exception as exc:  # the model's own errors: shown, widget stays usable
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.status = "failed"
+        else:
+            if report is not None and report.complete and generation == self._generation:
+                self.attribution = report.attribution
+                self.status = self._summary(report, options, time.perf_counter() - started)
+            elif report is not None:
+                self.status = (
+                    f"cancelled after {report.windows_done} of {report.windows_planned} windows"
+                )
+        finally:
+            if generation == self._generation:
+                self.running = False
+            self.run_count += 1
+
+    def _show(self, report: OcclusionProgress) -> None:
+        """Send a progress report's heatmap (channel mean, float32) and counters."""
+        heatmap = report.attribution[0].detach().float().mean(0).cpu().numpy()
+        finite = heatmap[np.isfinite(heatmap)]
+        if finite.size:
+            lo, hi = float(finite.min()), float(finite.max())
+            if lo < 0 < hi:
+                lo, hi = -max(-lo, hi), max(-lo, hi)
+            self.value_range = [lo, hi]
+        done, planned = report.windows_done, report.windows_planned
+        eta = report.elapsed / done * (planned - done) if done else None
+        self.heatmap = np.ascontiguousarray(heatmap, dtype=np.float32).tobytes()
+        self.progress = {
+            "done": done,
+            "planned": planned,
+            "total": report.windows_total,
+            "elapsed": report.elapsed,
+            "eta": eta,
+            "stage": report.stage,
+        }
+        if self.colormap == "auto":
+            self._set_colormap()
+
+    def _summary(self, report: OcclusionProgress, options: dict, seconds: float) -> str:
+        parts = [f"{seconds:.2f} s, {report.windows_done} of {report.windows_total} windows"]
+        captum = self._captum_estimate(report.windows_total)
+        if captum is not None:
+            parts.append(f"{captum / seconds:.1f}x Captum's Occlusion (estimated {captum:.2f} s)")
+        key = (options["sliding_window_shapes"], options["strides"], self.target, tuple(self.roi))
+        if report.approximation.exact and "region" not in options:
+            self._exact[key] = report.attribution
+        elif key in self._exact:
+            ssim = float(attribution_ssim(report.attribution, self._exact[key])[0])
+            parts.append(f"SSIM vs exact {ssim:.3f}")
+        settings = report.approximation
+        if not settings.exact:
+            chosen = f"tau {settings.tau:g}"
+            if settings.drilldown is not None:
+                chosen += f", drill-down {settings.drilldown:g}"
+            parts.append(chosen)
+        return "; ".join(parts)
+
+    def _captum_estimate(self, windows: int) -> float | None:
+        """Seconds Captum's Occlusion would take: its batches of CAPTUM_BATCH
+        occluded copies, timed once on this input."""
+        if self._captum_seconds_per_batch is None:
+            batch = self.inputs.expand(CAPTUM_BATCH, *self.inputs.shape[1:]).contiguous()
+            with torch.no_grad():
+                self.model(batch)  # warm-up
+                if batch.is_cuda:
+                    torch.cuda.synchronize(batch.device)
+                started = time.perf_counter()
+                self.model(batch)
+                if batch.is_cuda:
+                    torch.cuda.synchronize(batch.device)
+            self._captum_seconds_per_batch = time.perf_counter() - started
+        return math.ceil(windows / CAPTUM_BATCH) * self._captum_seconds_per_batch
+
+    # ------------------------------------------------------------ messages
+    def _on_message(self, widget: Any, content: dict, buffers: list) -> None:
+        kind = content.get("type") if isinstance(content, dict) else None
+        if kind == "compute":
+            self.compute()
+        elif kind == "cancel":
+            self.cancel()
+        elif kind == "probe":
+            self._probe(int(content["y"]), int(content["x"]))
+
+    def _probe(self, y: int, x: int) -> None:
+        """The occluded image for the window at (y, x) and the target's probability
+        before and after (softmax of the model's output)."""
+        height, width = self.inputs.shape[2:]
+        window = min(self.window, height, width)
+        top = int(np.clip(y - window // 2, 0, height - window))
+        left = int(np.clip(x - window // 2, 0, width - window))
+        occluded = self.inputs.clone()
+        baseline = self.attribute_options.get("baselines", 0.0)
+        occluded[..., top : top + window, left : left + window] = (
+            baseline[..., top : top + window, left : left + window]
+            if isinstance(baseline, torch.Tensor)
+            else baseline
+        )
+        with torch.no_grad():
+            before = torch.softmax(self.model(self.inputs).float(), dim=1)[0, self.target]
+            after = torch.softmax(self.model(occluded).float(), dim=1)[0, self.target]
+        shown = self._display.copy()
+        shown[top : top + window, left : left + window] = 0.5
+        self.probe_rgba = _rgba_bytes(shown)
+        self.probe = {
+            "y": y,
+            "x": x,
+            "window": [top, left, top + window, left + window],
+            "probability_before": float(before),
+            "probability_after": float(after),
+            "drop": float(before - after),
+        }
+
+    # ------------------------------------------------------------ helpers
+    def _top_classes(self) -> list[dict]:
+        with torch.no_grad():
+            scores = self.model(self.inputs).float()
+        if scores.dim() != 2:
+            return [{"index": 0, "label": "output 0", "probability": float("nan")}]
+        probabilities = torch.softmax(scores[0], dim=0)
+        top = torch.topk(probabilities, min(TOP_CLASSES, probabilities.numel()))
+        return [
+            {"index": int(i), "label": self._label(int(i)), "probability": float(p)}
+            for p, i in zip(top.values, top.indices)
+        ]
+
+    def _label(self, index: int) -> str:
+        if isinstance(self._labels, Mapping):
+            return str(self._labels.get(index, index))
+        if self._labels is not None and index < len(self._labels):
+            return str(self._labels[index])
+        return f"class {index}"
+
+    def _set_colormap(self) -> None:
+        name = self.colormap
+        if name == "auto":
+            lo, hi = self.value_range
+            name = "RdBu_r" if lo < 0 < hi else "viridis"
+        lut = matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256), bytes=True)
+        self.colormap_lut = np.ascontiguousarray(lut, dtype=np.uint8).tobytes()
+
+
+def _display_rgb(display_image: Any, image: torch.Tensor) -> np.ndarray:
+    """(H, W, 3) float array in [0, 1]: the given display image, or the input scaled."""
+    if display_image is None:
+        shown = image.detach().float().cpu()
+        if shown.shape[0] == 1:
+            shown = shown.expand(3, -1, -1)
+        shown = shown[:3].permute(1, 2, 0).numpy()
+        lo, hi = shown.min(), shown.max()
+        return (shown - lo) / (hi - lo) if hi > lo else np.zeros_like(shown)
+    shown = np.asarray(
+        display_image.detach().cpu() if isinstance(display_image, torch.Tensor) else display_image,
+        dtype=np.float32,
+    )
+    if shown.ndim == 3 and shown.shape[0] in (1, 3) and shown.shape[-1] not in (1, 3):
+        shown = shown.transpose(1, 2, 0)
+    if shown.ndim == 2:
+        shown = shown[..., None]
+    if shown.shape[-1] == 1:
+        shown = np.repeat(shown, 3, axis=-1)
+    return np.clip(shown, 0.0, 1.0)
+
+
+def _rgba_bytes(rgb: np.ndarray) -> bytes:
+    """(H, W, 3) floats in [0, 1] -> H x W x 4 uint8 bytes, opaque."""
+    rgba = np.empty((*rgb.shape[:2], 4), dtype=np.uint8)
+    rgba[..., :3] = np.round(rgb * 255)
+    rgba[..., 3] = 255
+    return rgba.tobytes()
