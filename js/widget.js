@@ -83,7 +83,9 @@ function render({ model, el }) {
   const legendText = element("div", "ckw-legend-text", side);
   const hover = element("div", "ckw-hover", side, "hover: -");
   const probeCanvas = element("canvas", "ckw-probe", side);
-  const probeText = element("div", "ckw-probe-text", side, "click the map to occlude one window");
+  const probeText = element(
+    "div", "ckw-probe-text", side, "click: occlude the window there; shift-drag: compute a region only"
+  );
   const progress = element("div", "ckw-progress", root);
   const status = element("div", "ckw-status", root);
   const error = element("div", "ckw-error", root);
