@@ -23,6 +23,7 @@ import torch
 import traitlets
 
 from captum_krypton import IncrementalOcclusion, OcclusionProgress, attribution_ssim
+from captum_krypton.engine.windows import WindowGrid
 
 
 def _static_dir() -> Path:
@@ -47,6 +48,11 @@ RUN_SETTINGS = (
 )
 #: Classes offered in the target menu.
 TOP_CLASSES = 5
+#: A run is split into about this many window batches (each sends a map), unless
+#: the caller sets `windows_per_batch` or `max_memory`; batches keep at least
+#: MIN_BATCH windows.
+UPDATES_PER_RUN = 20
+MIN_BATCH = 16
 #: Captum's batch for the time estimate of its own Occlusion.
 CAPTUM_BATCH = 64
 
@@ -198,6 +204,16 @@ class OcclusionWidget(anywidget.AnyWidget):
             target=self.target,
             **self.attribute_options,
         )
+        if "windows_per_batch" not in options and "max_memory" not in options:
+            # Batches small enough for a live map and a prompt cancel.
+            grid = WindowGrid(
+                tuple(self.inputs.shape[1:]),
+                options["sliding_window_shapes"],
+                options["strides"],
+            )
+            options["windows_per_batch"] = max(
+                MIN_BATCH, math.ceil(grid.num_windows / UPDATES_PER_RUN)
+            )
         if self.approximate:
             if self.target_ssim > 0:
                 options["target_ssim"] = self.target_ssim

@@ -187,6 +187,8 @@ class ProgressiveRun:
                 position += count
                 if self._on_batch is not None:
                     self._on_batch(count)
+                if last and position == len(ids):
+                    break  # every planned window is done: complete, cancelled or not
                 self._check_cancel()
                 if self._report_batches and not (last and position == len(ids)):
                     yield self._progress()
