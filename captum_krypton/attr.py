@@ -391,11 +391,37 @@ class IncrementalOcclusion(Occlusion):
         return Occlusion.attribute.__wrapped__(self, *args)
 
     def _captum_run(self, captum_args: tuple) -> OcclusionProgress:
-        """Captum's own path, exact, reported as one final progress report."""
+        """Captum's own path, exact, reported as one final progress report.
+
+        With show_progress, the bar is ours, counting windows (Captum 0.9's own bar
+        counts features per batch and stops short of its total): Captum runs
+        without one, and the forward function counts the windows of each batch."""
         start = time.perf_counter()
-        result = self._captum_attribute(*captum_args)
-        elapsed = time.perf_counter() - start
         total = _captum_window_count(*captum_args[:3])
+        show_progress = captum_args[7]
+        if not show_progress:
+            result = self._captum_attribute(*captum_args)
+        else:
+            examples = _format_tensor_into_tuples(captum_args[0])[0].shape[0]
+            forward = self.forward_func
+            bar = progress(desc=f"{self.get_name()} attribution", total=total)
+            calls = 0
+
+            def counting_forward(*args: Any, **kwargs: Any) -> Any:
+                nonlocal calls
+                output = forward(*args, **kwargs)
+                if calls:  # the first call is the clean input
+                    bar.update(args[0].shape[0] // max(examples, 1))
+                calls += 1
+                return output
+
+            self.forward_func = counting_forward
+            try:
+                result = self._captum_attribute(*captum_args[:7], False)
+            finally:
+                self.forward_func = forward
+                bar.close()
+        elapsed = time.perf_counter() - start
         self.last_run = OcclusionReport("captum", Approximation(), total, total, elapsed)
         return OcclusionProgress(
             result, "exact", total, total, total, elapsed, True, Approximation()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import re
+import warnings
 
 import pytest
 import torch
 from captum.attr import Occlusion
 
-from captum_krypton import IncrementalOcclusion
+from captum_krypton import FallbackWarning, IncrementalOcclusion
 from tests import models
 from tests.conftest import check_model
 
@@ -193,6 +195,31 @@ def test_progress_bar_counts_windows(model, monkeypatch):
     )
     text = stream.getvalue()
     assert "25/25" in text and "100%" in text  # 5 x 5 windows
+
+
+@pytest.mark.parametrize("engine", ["captum", "fallback"])
+def test_captums_path_shows_one_bar_counting_windows(model, monkeypatch, capsys, engine):
+    """Captum 0.9's own bar counts features per batch and stops short; on its path
+    we show one bar of windows that reaches 100%."""
+    if engine == "fallback":
+        model.register_forward_hook(lambda module, args, output: None)  # hooks: Captum's path
+    occlusion = IncrementalOcclusion(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        result = occlusion.attribute(
+            torch.randn(2, 3, 16, 16),
+            (3, 4, 4),
+            strides=3,
+            target=0,
+            show_progress=True,
+            perturbations_per_eval=4,
+            engine="captum" if engine == "captum" else "auto",
+        )
+    assert occlusion.last_run.engine == "captum" and result.shape == (2, 3, 16, 16)
+    lines = capsys.readouterr().err.replace("\r", "\n").split("\n")
+    totals = {match[1] for line in lines for match in re.findall(r"(\d+)/(\d+) \[", line)}
+    assert totals == {"25"}  # one bar, of the 5 x 5 windows
+    assert any("25/25" in line and "100%" in line for line in lines)
 
 
 def test_noise_tunnel_accepts_incremental_occlusion(model):
