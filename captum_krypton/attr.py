@@ -81,6 +81,16 @@ def _check_tau(tau: float) -> None:
     check_fraction("tau", tau)
 
 
+def _check_strides(inputs: Any, strides: Any) -> None:
+    """Strides must be positive: Captum 0.9 turns 0 into an all-NaN result and a
+    negative stride into a shape error deep inside."""
+    formatted = _format_tensor_into_tuples(inputs)
+    for stride in _format_and_verify_strides(strides, formatted):
+        values = (stride,) if isinstance(stride, int) else tuple(stride)
+        if any(not isinstance(v, (int, np.integer)) or v < 1 for v in values):
+            raise ValueError(f"strides must be positive integers, not {strides!r}")
+
+
 def _approximation(
     tau: float, drilldown: float | None, drilldown_factor: int, target_ssim: float | None
 ) -> Approximation:
@@ -278,6 +288,7 @@ class IncrementalOcclusion(Occlusion):
         `attribution` is what `attribute` returns. Closing the iterator early stops
         the run after the batch in flight; the engine stays reusable."""
         approximation = _approximation(tau, drilldown, drilldown_factor, target_ssim)
+        _check_strides(inputs, strides)
         if region is not None and (drilldown is not None or target_ssim is not None):
             raise ValueError("region computes the windows inside it: not with drill-down")
         if engine not in ("auto", "incremental", "captum"):

@@ -66,6 +66,10 @@ def check_no_hooks(module: nn.Module) -> None:
             raise UnsupportedForIncremental(
                 f"module '{name or type(module).__name__}' has forward hooks"
             )
+        if name and "forward" in vars(sub):
+            # Rules compute layers from their parameters, never through a forward
+            # replaced on the instance (a wrapper, a patch): Captum's path calls it.
+            raise UnsupportedForIncremental(f"module '{name}' has its forward replaced")
 
 
 @dataclass

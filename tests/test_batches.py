@@ -1,0 +1,55 @@
+"""Many images in one call, and repeatability."""
+
+from __future__ import annotations
+
+import torch
+from captum.attr import Occlusion
+
+from captum_krypton import IncrementalOcclusion
+from tests import models
+from tests.conftest import assert_close_to_captum
+
+ARGS = dict(sliding_window_shapes=(3, 4, 4), strides=2)
+
+
+def test_hundreds_of_images_with_per_example_targets_equal_per_image_calls():
+    model = models.small_cnn()
+    torch.manual_seed(3)
+    inputs = torch.randn(256, 3, 10, 10)
+    targets = torch.randint(0, 5, (256,))
+    occlusion = IncrementalOcclusion(model)
+    batched = occlusion.attribute(inputs, target=targets, **ARGS)
+    assert occlusion.last_run.engine == "incremental"
+    singles = torch.cat(
+        [
+            occlusion.attribute(inputs[i : i + 1], target=int(targets[i]), **ARGS)
+            for i in range(0, 256, 17)
+        ]
+    )
+    torch.testing.assert_close(batched[::17], singles, rtol=0, atol=1e-5)
+    expected = Occlusion(model).attribute(inputs, target=targets, perturbations_per_eval=4, **ARGS)
+    with torch.no_grad():
+        scale = model(inputs).abs().max()
+    assert_close_to_captum(expected, batched, scale)
+
+
+def test_small_memory_budget_splits_windows_not_results():
+    model = models.small_cnn()
+    inputs = torch.randn(64, 3, 10, 10)
+    occlusion = IncrementalOcclusion(model)
+    whole = occlusion.attribute(inputs, target=1, **ARGS)
+    tight = occlusion.attribute(inputs, target=1, max_memory=1 << 16, **ARGS)
+    torch.testing.assert_close(tight, whole, rtol=0, atol=1e-6)
+
+
+def test_repeated_runs_on_the_cpu_are_identical():
+    model = models.small_cnn()
+    inputs = torch.randn(4, 3, 16, 16)
+    occlusion = IncrementalOcclusion(model)
+    first = occlusion.attribute(inputs, target=2, windows_per_batch=7, **ARGS)
+    for _ in range(3):
+        assert torch.equal(
+            occlusion.attribute(inputs, target=2, windows_per_batch=7, **ARGS), first
+        )
+    fresh = IncrementalOcclusion(model).attribute(inputs, target=2, windows_per_batch=7, **ARGS)
+    assert torch.equal(fresh, first)
