@@ -480,4 +480,5 @@ class IncrementalOcclusion(Occlusion):
             per_dim_strides[0],
             full_threshold,
             tau,
+            eager_forward=lambda x: self.forward_func(x, *extra),
         )

@@ -137,3 +137,30 @@ def test_plans_that_save_little_rerun_the_whole_model():
     expected = Occlusion(model).attribute(x, (3, 4, 4), strides=2, target=[1, 4])
     actual = IncrementalOcclusion(model).attribute(x, (3, 4, 4), strides=2, target=[1, 4])
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_a_trace_that_disagrees_with_forward_runs_on_captums_path():
+    """Python that tracing cannot follow (isinstance on a traced value, a flag read
+    in forward) is caught by comparing one forward with the traced clean run."""
+    from tests import models
+
+    class Switching(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = models.small_cnn()
+            self.scale = 1.0
+
+        def forward(self, x):
+            h = self.inner(x)
+            return h * 3.0 if isinstance(h, torch.Tensor) else h * self.scale
+
+    model = Switching()
+    inputs = torch.randn(1, 3, 12, 12)
+    args = dict(sliding_window_shapes=(3, 4, 4), strides=4, target=0)
+    expected = Occlusion(model).attribute(inputs, **args)
+    occlusion = IncrementalOcclusion(model)
+    with pytest.warns(FallbackWarning, match="trace disagree"):
+        actual = occlusion.attribute(inputs, **args)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+    with pytest.raises(IncrementalNotApplicable, match="trace disagree"):
+        occlusion.attribute(inputs, engine="incremental", **args)

@@ -67,6 +67,26 @@ def _cudnn_autotuning(device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.benchmark = saved
 
 
+def _check_trace_matches(
+    traced: torch.Tensor, eager_forward: Callable[[torch.Tensor], Any], inputs: torch.Tensor
+) -> None:
+    """The trace must compute what the model's forward computes on this input. A
+    trace keeps the branch Python took while tracing (`isinstance(x, Tensor)` is
+    False for a traced value; a flag read in forward keeps its old value), so one
+    forward of the model itself is compared with the traced clean run."""
+    with torch.no_grad():
+        eager = eager_forward(inputs)
+    if not isinstance(eager, torch.Tensor) or eager.shape != traced.shape:
+        raise UnsupportedForIncremental("the model's forward and its trace disagree")
+    scale = float(eager.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if eager.numel() else 0.0
+    tolerance = 1e-4 * max(scale, 1e-30) if eager.is_floating_point() else 0.0
+    if not torch.allclose(traced, eager, rtol=1e-4, atol=tolerance, equal_nan=True):
+        raise UnsupportedForIncremental(
+            "the model's forward and its trace disagree on this input (Python control "
+            "flow or state that tracing cannot follow)"
+        )
+
+
 def _check_baseline(inputs: torch.Tensor, baseline: Any) -> None:
     """Outside its window the occluded input must equal the input, as in Captum's
     formula input * 1 + baseline * 0; a dtype change or non-finite baseline breaks that."""
@@ -113,6 +133,7 @@ class PreparedOcclusion:
         strides: Sequence[int],
         full_threshold: float | None = None,
         tau: float = 1.0,
+        eager_forward: Callable[[torch.Tensor], Any] | None = None,
     ) -> PreparedOcclusion:
         if inputs.dim() < 3:
             raise UnsupportedForIncremental("the input has no spatial dimensions")
@@ -131,6 +152,8 @@ class PreparedOcclusion:
             raise UnsupportedForIncremental(
                 "the output does not have one row per example (aggregated output)"
             )
+        if eager_forward is not None:
+            _check_trace_matches(output, eager_forward, inputs)
         grid = WindowGrid(tuple(inputs.shape[1:]), tuple(window), tuple(strides))
         plan = _cached_plan(captured, env, inputs, grid, full_threshold, tau)
         return cls(
