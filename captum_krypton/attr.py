@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from captum._utils.common import (
     _format_additional_forward_args,
     _format_output,
@@ -37,7 +38,7 @@ from captum_krypton.graph.capture import (
     capture_cached,
     resolve_module,
 )
-from captum_krypton.graph.plan import RegionPlan
+from captum_krypton.graph.plan import PLANNING_ROWS, RegionPlan
 from captum_krypton.kernels import use_triton
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,47 @@ def _verify_windows(
 
 def _check_tau(tau: float) -> None:
     check_fraction("tau", tau)
+
+
+#: Calls with more examples than this run in chunks of this many examples.
+EXAMPLES_PER_RUN = PLANNING_ROWS
+
+
+def _has_tensor(inputs: Any) -> bool:
+    return isinstance(inputs, torch.Tensor) or (
+        isinstance(inputs, tuple) and len(inputs) > 0 and isinstance(inputs[0], torch.Tensor)
+    )
+
+
+def _rows_of(value: Any, rows: slice, examples: int) -> Any:
+    """The examples `rows` of a per-example value (a tensor or list whose first
+    dim is `examples`, or a tuple of such); anything else is shared."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() > 0 and value.shape[0] == examples else value
+    if isinstance(value, tuple):
+        return tuple(_rows_of(v, rows, examples) for v in value)
+    if isinstance(value, list) and len(value) == examples:
+        return value[rows]
+    return value
+
+
+def _concatenate(parts: list, examples: int) -> Any:
+    """Chunks' results joined along examples, NaN for examples not run."""
+    first = parts[0]
+    pieces = list(zip(*parts)) if isinstance(first, tuple) else [parts]
+    joined = []
+    for piece in pieces:
+        done = torch.cat(piece)
+        if done.shape[0] < examples:
+            missing = torch.full(
+                (examples - done.shape[0], *done.shape[1:]),
+                float("nan"),
+                dtype=done.dtype,
+                device=done.device,
+            )
+            done = torch.cat([done, missing])
+        joined.append(done)
+    return tuple(joined) if isinstance(first, tuple) else joined[0]
 
 
 def _check_strides(inputs: Any, strides: Any) -> None:
@@ -229,8 +271,35 @@ class IncrementalOcclusion(Occlusion):
                 or a target SSIM.
 
         `self.last_run` describes the call: engine, approximation settings, windows
-        computed, seconds, whether it was cancelled.
+        computed, seconds, whether it was cancelled. Calls with more than
+        EXAMPLES_PER_RUN (1024) examples run in chunks of that many examples.
         """
+        examples = _format_tensor_into_tuples(inputs)[0].shape[0] if _has_tensor(inputs) else 0
+        if engine != "captum" and examples > EXAMPLES_PER_RUN:
+            return self._attribute_in_chunks(
+                examples,
+                inputs,
+                sliding_window_shapes,
+                strides,
+                baselines,
+                target,
+                additional_forward_args,
+                perturbations_per_eval,
+                show_progress,
+                on_progress=on_progress,
+                engine=engine,
+                max_memory=max_memory,
+                windows_per_batch=windows_per_batch,
+                full_threshold=full_threshold,
+                kernels=kernels,
+                cuda_graphs=cuda_graphs,
+                tau=tau,
+                drilldown=drilldown,
+                drilldown_factor=drilldown_factor,
+                target_ssim=target_ssim,
+                cancel=cancel,
+                region=region,
+            )
         for progress_report in self.attribute_stream(
             inputs,
             sliding_window_shapes,
@@ -398,6 +467,73 @@ class IncrementalOcclusion(Occlusion):
             raise IncrementalNotApplicable(str(exc)) from exc
 
     # ------------------------------------------------------------ internals
+    def _attribute_in_chunks(
+        self,
+        examples: int,
+        inputs: Any,
+        sliding_window_shapes: Any,
+        strides: Any,
+        baselines: Any,
+        target: Any,
+        additional_forward_args: Any,
+        perturbations_per_eval: int,
+        show_progress: bool,
+        on_progress: Callable[[OcclusionProgress], object] | None,
+        **options: Any,
+    ) -> TensorOrTupleOfTensorsGeneric:
+        """More than EXAMPLES_PER_RUN examples: runs of EXAMPLES_PER_RUN examples
+        each (one window's rows then stay within the engine's batch bounds), their
+        results concatenated. Per-example tensors (first dim = examples) among
+        inputs, baselines, targets and additional arguments are sliced, as Captum
+        expands them per example; `on_progress` gets a report after each run, the
+        examples not run yet NaN."""
+        parts: list[TensorOrTupleOfTensorsGeneric] = []
+        cancel = options.get("cancel")
+        reports = []
+        started = time.perf_counter()
+        for first in range(0, examples, EXAMPLES_PER_RUN):
+            if cancel is not None and cancel.is_set() and parts:
+                break
+            rows = slice(first, min(first + EXAMPLES_PER_RUN, examples))
+            parts.append(
+                self.attribute(
+                    _rows_of(inputs, rows, examples),
+                    sliding_window_shapes,
+                    strides,
+                    _rows_of(baselines, rows, examples),
+                    _rows_of(target, rows, examples),
+                    _rows_of(additional_forward_args, rows, examples),
+                    perturbations_per_eval,
+                    show_progress,
+                    **options,
+                )
+            )
+            reports.append(self.last_run)
+            result = _concatenate(parts, examples)
+            if on_progress is not None:
+                done = sum(r.windows_computed for r in reports)
+                complete = rows.stop == examples and not reports[-1].cancelled
+                on_progress(
+                    OcclusionProgress(
+                        result,
+                        "exact" if reports[-1].approximation.exact else "approximate",
+                        done,
+                        done,
+                        reports[-1].windows_total,
+                        time.perf_counter() - started,
+                        complete,
+                        reports[-1].approximation,
+                    )
+                )
+        last = self.last_run
+        if last is not None:
+            last.seconds = time.perf_counter() - started
+            last.cancelled = (
+                any(r.cancelled for r in reports) or len(parts) * EXAMPLES_PER_RUN < examples
+            )
+            last.windows_computed = sum(r.windows_computed for r in reports)
+        return result
+
     def _captum_attribute(self, *args: Any) -> TensorOrTupleOfTensorsGeneric:
         return Occlusion.attribute.__wrapped__(self, *args)
 

@@ -53,3 +53,29 @@ def test_repeated_runs_on_the_cpu_are_identical():
         )
     fresh = IncrementalOcclusion(model).attribute(inputs, target=2, windows_per_batch=7, **ARGS)
     assert torch.equal(fresh, first)
+
+
+def test_more_examples_than_one_run_takes_are_split_into_chunks(monkeypatch):
+    """Past EXAMPLES_PER_RUN examples a call runs in chunks of examples; per-example
+    targets, baselines and additional arguments go with their examples."""
+    from captum_krypton import attr
+
+    monkeypatch.setattr(attr, "EXAMPLES_PER_RUN", 64)
+    model = models.small_cnn(models.ScaledCNN)
+    torch.manual_seed(4)
+    inputs = torch.randn(150, 3, 10, 10)
+    targets = torch.randint(0, 5, (150,))
+    baselines = torch.randn(150, 3, 10, 10)
+    scale = torch.rand(150) + 0.5
+    args = dict(target=targets, baselines=baselines, additional_forward_args=(scale,), **ARGS)
+    expected = Occlusion(model).attribute(inputs, perturbations_per_eval=8, **args)
+    reports = []
+    occlusion = IncrementalOcclusion(model)
+    actual = occlusion.attribute(inputs, on_progress=reports.append, **args)
+    with torch.no_grad():
+        output_scale = model(inputs, scale).abs().max()
+    assert_close_to_captum(expected, actual, output_scale)
+    assert [r.complete for r in reports] == [False, False, True]
+    assert torch.isnan(reports[0].attribution[64:]).all()
+    assert torch.isfinite(reports[0].attribution[:64]).all()
+    assert reports[-1].attribution is actual and occlusion.last_run.windows_computed == 3 * 16

@@ -152,3 +152,26 @@ def test_cuda_approximations_stream_and_drilldown_of_every_window(exact_cuda_mat
     chosen = occlusion.attribute(inputs, target_ssim=0.9, **args)
     assert occlusion.last_run.approximation.estimated_ssim >= 0.9
     assert attribution_ssim(chosen, exact).shape == (1,)
+
+
+def test_cuda_many_images_equal_per_image_calls(exact_cuda_math):
+    from captum_krypton import IncrementalOcclusion
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval().cuda()
+    inputs = torch.randn(256, 3, 64, 64, device="cuda")
+    targets = torch.randint(0, 1000, (256,), device="cuda")
+    args = dict(sliding_window_shapes=(3, 16, 16), strides=8)
+    occlusion = IncrementalOcclusion(model)
+    batched = occlusion.attribute(inputs, target=targets, **args)
+    assert occlusion.last_run.engine == "incremental"
+    singles = torch.cat(
+        [
+            occlusion.attribute(inputs[i : i + 1], target=int(targets[i]), **args)
+            for i in range(0, 256, 32)
+        ]
+    )
+    with torch.no_grad():
+        scale = max(batched.abs().max().item(), model(inputs).abs().max().item())
+    torch.testing.assert_close(batched[::32], singles, rtol=0, atol=1e-5 * scale)
+    check_model(model, inputs[:64], target=targets[:64], ppe=16, **args)
