@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -29,6 +29,7 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_krypton.approx.settings import Approximation, check_fraction, check_target_ssim
+from captum_krypton.engine.devices import Replicas, run_sharded, to_device
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.progressive import OcclusionProgress, OcclusionReport, ProgressiveRun
 from captum_krypton.engine.windows import WindowGrid
@@ -188,6 +189,8 @@ class IncrementalOcclusion(Occlusion):
         self._warned: set[str] = set()
         #: What the last `attribute` call did (None before the first).
         self.last_run: OcclusionReport | None = None
+        self._replicas = Replicas()
+        self._device_occlusions: dict[Any, IncrementalOcclusion] = {}
 
     @log_usage(part_of_slo=True)
     def attribute(  # type: ignore[override]
@@ -214,6 +217,7 @@ class IncrementalOcclusion(Occlusion):
         on_progress: Callable[[OcclusionProgress], object] | None = None,
         cancel: threading.Event | None = None,
         region: tuple[int, ...] | None = None,
+        devices: Sequence[str | torch.device] | None = None,
     ) -> TensorOrTupleOfTensorsGeneric:
         """Occlusion attributions, as `captum.attr.Occlusion.attribute` computes them.
 
@@ -270,10 +274,41 @@ class IncrementalOcclusion(Occlusion):
                 positions no computed window covers are NaN. Not with drill-down
                 or a target SSIM.
 
+            devices: several devices (e.g. ["cuda:0", "cuda:1"]) to share the
+                windows of this call: one model copy and one set of views per
+                device, one thread each; the result is on the input's device and
+                equals a one-device run. Exact occlusion only (no tau, drill-down,
+                target SSIM or region).
+
         `self.last_run` describes the call: engine, approximation settings, windows
         computed, seconds, whether it was cancelled. Calls with more than
         EXAMPLES_PER_RUN (1024) examples run in chunks of that many examples.
         """
+        if devices is not None and engine != "captum":
+            if tau != 1.0 or drilldown is not None or target_ssim is not None or region:
+                raise ValueError(
+                    "devices= runs exact occlusion: no tau, drilldown, target_ssim or region"
+                )
+            return self._attribute_on_devices(
+                devices,
+                (
+                    inputs,
+                    sliding_window_shapes,
+                    strides,
+                    baselines,
+                    target,
+                    additional_forward_args,
+                    perturbations_per_eval,
+                    show_progress,
+                ),
+                engine=engine,
+                max_memory=max_memory,
+                windows_per_batch=windows_per_batch,
+                full_threshold=full_threshold,
+                kernels=kernels,
+                on_progress=on_progress,
+                cancel=cancel,
+            )
         examples = _format_tensor_into_tuples(inputs)[0].shape[0] if _has_tensor(inputs) else 0
         if engine != "captum" and examples > EXAMPLES_PER_RUN:
             return self._attribute_in_chunks(
@@ -467,6 +502,99 @@ class IncrementalOcclusion(Occlusion):
             raise IncrementalNotApplicable(str(exc)) from exc
 
     # ------------------------------------------------------------ internals
+    def _attribute_on_devices(
+        self,
+        devices: Sequence[str | torch.device],
+        captum_args: tuple,
+        engine: Engine,
+        max_memory: int | None,
+        windows_per_batch: int | None,
+        full_threshold: float | None,
+        kernels: Literal["auto", "torch", "triton"],
+        on_progress: Callable[[OcclusionProgress], object] | None,
+        cancel: threading.Event | None,
+    ) -> TensorOrTupleOfTensorsGeneric:
+        """Windows sharded over `devices` (engine/devices.py)."""
+        started = time.perf_counter()
+        (inputs, window, strides, baselines, target, extra, ppe, show_progress) = captum_args
+        _check_strides(inputs, strides)
+        targets_devices = [torch.device(d) for d in devices]
+        if not targets_devices:
+            raise ValueError("devices must name at least one device")
+        try:
+            module = resolve_module(self.forward_func)
+            prepared, targets = [], []
+            for device in targets_devices:
+                replica = self._replicas.on(module, device)
+                if replica not in self._device_occlusions:
+                    self._device_occlusions[replica] = IncrementalOcclusion(replica)
+                occlusion = self._device_occlusions[replica]
+                ready = occlusion._prepare(
+                    to_device(inputs, device),
+                    window,
+                    strides,
+                    to_device(baselines, device),
+                    to_device(extra, device),
+                    ppe,
+                    full_threshold,
+                )
+                ready.use_triton = use_triton(kernels, device)
+                prepared.append(ready)
+                targets.append(to_device(target, device))
+        except UnsupportedForIncremental as exc:
+            if engine == "incremental":
+                raise IncrementalNotApplicable(str(exc)) from exc
+            self._warn_fallback(str(exc))
+            return self._captum_run(captum_args).attribution
+        total = prepared[0].grid.num_windows
+        bar = (
+            progress(desc=f"{self.get_name()} attribution", total=total)
+            if show_progress
+            else NullProgress()
+        )
+        lock = threading.Lock()
+
+        def on_batch(count: int) -> None:
+            with lock:
+                bar.update(count)
+
+        try:
+            diffs, dtype, done = run_sharded(
+                prepared,
+                targets,
+                lambda ready: windows_per_batch or ready.windows_per_batch(max_memory),
+                on_batch,
+                cancel,
+            )
+        finally:
+            bar.close()
+        first = prepared[0]
+        if done.all():
+            result = first.attribution_from(diffs, dtype)
+        else:
+            result = first.partial_attribution(diffs, done, dtype)
+        original_device = _format_tensor_into_tuples(inputs)[0].device
+        result = _format_output(_is_tuple(inputs), (result.to(original_device),))
+        elapsed = time.perf_counter() - started
+        computed = int(done.sum())
+        self.last_run = OcclusionReport(
+            "incremental", Approximation(), computed, total, elapsed, not done.all()
+        )
+        if on_progress is not None:
+            on_progress(
+                OcclusionProgress(
+                    result,
+                    "exact",
+                    computed,
+                    total,
+                    total,
+                    elapsed,
+                    bool(done.all()),
+                    Approximation(),
+                )
+            )
+        return result
+
     def _attribute_in_chunks(
         self,
         examples: int,

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,19 +53,32 @@ def default_memory_budget(device: torch.device) -> int:
     return DEFAULT_CPU_MEMORY
 
 
+_autotuning_lock = threading.Lock()
+_autotuning_users = 0
+_autotuning_saved = False
+
+
 @contextlib.contextmanager
 def _cudnn_autotuning(device: torch.device) -> Iterator[None]:
     """cuDNN's algorithm search for the window batches, whose shapes repeat from
-    batch to batch (bounded power-of-two sizes); the caller's setting is restored."""
+    batch to batch (bounded power-of-two sizes); the caller's setting is restored
+    when the last of concurrent runs (one per GPU) ends."""
+    global _autotuning_users, _autotuning_saved
     if device.type != "cuda":
         yield
         return
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
+    with _autotuning_lock:
+        if _autotuning_users == 0:
+            _autotuning_saved = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+        _autotuning_users += 1
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = saved
+        with _autotuning_lock:
+            _autotuning_users -= 1
+            if _autotuning_users == 0:
+                torch.backends.cudnn.benchmark = _autotuning_saved
 
 
 def _check_trace_matches(
