@@ -1,4 +1,5 @@
-"""Command line: `captum-krypton demo` (or `python -m captum_krypton demo`)."""
+"""Command line: `captum-krypton demo` (or `python -m captum_krypton demo`), and
+`captum-krypton attribute` for data sets (under torchrun for several processes)."""
 
 from __future__ import annotations
 
@@ -92,8 +93,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo_parser.add_argument("--stride", type=int, default=3)
     demo_parser.add_argument("--repeats", type=int, default=1, help="best of this many runs")
     demo_parser.add_argument("--skip-captum", action="store_true", help="don't time Captum")
+    run_parser = commands.add_parser(
+        "attribute", help="occlusion maps of a data set, one .npy per item (torchrun-ready)"
+    )
+    run_parser.add_argument("--model", required=True, help="MODULE:FN returning the model")
+    run_parser.add_argument(
+        "--data", required=True, help="MODULE:FN returning (images, labels), images (N, C, H, W)"
+    )
+    run_parser.add_argument("--out", required=True, help="directory for NNNNNN.npy files")
+    run_parser.add_argument("--window", type=int, default=12)
+    run_parser.add_argument("--stride", type=int, default=6)
+    run_parser.add_argument("--target", default="label", help="'label', 'top' or a class index")
     args = parser.parse_args(argv)
-    return {"demo": demo}[args.command](args)
+    return {"demo": demo, "attribute": attribute}[args.command](args)
+
+
+def attribute(args: argparse.Namespace) -> int:
+    """Attribute every item of a data set (this rank's share under torchrun)."""
+    from captum_krypton.distributed import run
+
+    run(args.model, args.data, args.out, args.window, args.stride, args.target)
+    return 0
 
 
 if __name__ == "__main__":

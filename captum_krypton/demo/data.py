@@ -77,3 +77,9 @@ def make_dataset(
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """The model's input scaling (kept outside the model so baselines stay simple)."""
     return (images - 0.5) / 0.25
+
+
+def evaluation_set(count: int = 12, seed: int = 2027) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized held-out images and labels: a small data set for data-set runs."""
+    images, labels = make_dataset(count, seed)
+    return normalize(images), labels

@@ -1,0 +1,114 @@
+"""Data-set runs: attributions of every item of a data set, sharded over the
+ranks of torch.distributed (launched with torchrun), one .npy file per item.
+
+Item i goes to rank i % world_size. Each result is written to a temporary file
+and renamed into place, so a file under its final name is always complete; a
+rerun skips items whose file exists, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from captum_krypton.attr import IncrementalOcclusion
+
+
+def load_object(spec: str) -> Any:
+    """`package.module:function` -> what calling the function returns."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise ValueError(f"expected MODULE:FUNCTION, not {spec!r}")
+    function: Callable[[], Any] = getattr(importlib.import_module(module_name), name)
+    return function()
+
+
+@dataclass
+class Rank:
+    index: int
+    world: int
+    device: torch.device
+
+
+def start_rank() -> Rank:
+    """Join torch.distributed when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    index = dist.get_rank() if dist.is_initialized() else 0
+    return Rank(index, world, device)
+
+
+def item_path(out: Path, index: int) -> Path:
+    return out / f"{index:06d}.npy"
+
+
+def save_atomically(path: Path, array: np.ndarray, rank: int) -> None:
+    """Write to a temporary name in the same directory, then rename into place."""
+    temporary = path.with_name(f".{path.name}.rank{rank}.tmp")
+    with open(temporary, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def run(
+    model_spec: str,
+    data_spec: str,
+    out: str,
+    window: int,
+    stride: int,
+    target: str = "label",
+    log: Callable[[str], None] = print,
+) -> int:
+    """Attribute this rank's share of the data set; returns items written now."""
+    rank = start_rank()
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f".*.rank{rank.index}.tmp"):  # left by a killed run
+        stale.unlink()
+    model = load_object(model_spec).to(rank.device).eval()
+    images, labels = load_object(data_spec)
+    occlusion = IncrementalOcclusion(model)
+    mine = [i for i in range(len(images)) if i % rank.world == rank.index]
+    todo = [i for i in mine if not item_path(out_dir, i).exists()]
+    log(f"rank {rank.index}/{rank.world}: {len(mine)} items, {len(mine) - len(todo)} done before")
+    started = time.perf_counter()
+    for done, i in enumerate(todo, 1):
+        inputs = images[i][None].to(rank.device)
+        if target == "label":
+            item_target = int(labels[i])
+        elif target == "top":
+            with torch.no_grad():
+                item_target = int(model(inputs).argmax(1)[0])
+        else:
+            item_target = int(target)
+        channels = inputs.shape[1]
+        attribution = occlusion.attribute(
+            inputs,
+            sliding_window_shapes=(channels, window, window),
+            strides=(channels, stride, stride),
+            target=item_target,
+        )
+        save_atomically(item_path(out_dir, i), attribution[0].cpu().numpy(), rank.index)
+        elapsed = time.perf_counter() - started
+        log(f"rank {rank.index}: {done}/{len(todo)} items, {elapsed:.1f} s")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return len(todo)

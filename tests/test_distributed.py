@@ -1,0 +1,94 @@
+"""Data-set runs under torchrun (2 gloo processes on the CPU): same files as one
+process, and a run killed midway resumes to the same, complete output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ITEMS = 12  # captum_krypton.demo.data.evaluation_set()
+COMMAND = [
+    "-m",
+    "captum_krypton",
+    "attribute",
+    "--model",
+    "captum_krypton.demo.model:load_demo_model",
+    "--data",
+    "captum_krypton.demo.data:evaluation_set",
+    "--stride",
+    "2",
+]
+# One thread per process everywhere, as torchrun sets it: the same arithmetic.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def single(out: Path) -> None:
+    subprocess.run([sys.executable, *COMMAND, "--out", str(out)], check=True, env=ENV, timeout=300)
+
+
+def torchrun(out: Path, **popen) -> subprocess.Popen:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    return subprocess.Popen(
+        [*launcher, *COMMAND, "--out", str(out)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def outputs(directory: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.load(p) for p in sorted(directory.glob("*.npy"))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    single(out)
+    files = outputs(out)
+    assert len(files) == ITEMS
+    return files
+
+
+def test_two_ranks_write_what_one_process_writes(reference, tmp_path):
+    run = torchrun(tmp_path)
+    log, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, log
+    assert "rank 0: 6/6 items" in log and "rank 1: 6/6 items" in log
+    files = outputs(tmp_path)
+    assert files.keys() == reference.keys()
+    for name, array in files.items():
+        assert np.array_equal(array, reference[name]), name
+
+
+def test_a_killed_run_resumes_to_the_same_complete_output(reference, tmp_path):
+    run = torchrun(tmp_path, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while len(list(tmp_path.glob("*.npy"))) < 2 and time.monotonic() < deadline:
+        if run.poll() is not None:
+            break
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait(timeout=60)
+    partial = outputs(tmp_path)  # every file under its final name loads whole
+    assert 0 < len(partial) < ITEMS, len(partial)
+    for name, array in partial.items():
+        assert np.array_equal(array, reference[name]), name
+
+    resumed = torchrun(tmp_path)
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, log
+    assert "done before" in log
+    files = outputs(tmp_path)
+    assert files.keys() == reference.keys()
+    for name, array in files.items():
+        assert np.array_equal(array, reference[name]), name
+    assert not list(tmp_path.glob(".*.tmp"))  # no half-written file left
