@@ -175,3 +175,20 @@ def test_cuda_many_images_equal_per_image_calls(exact_cuda_math):
         scale = max(batched.abs().max().item(), model(inputs).abs().max().item())
     torch.testing.assert_close(batched[::32], singles, rtol=0, atol=1e-5 * scale)
     check_model(model, inputs[:64], target=targets[:64], ppe=16, **args)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_equal_one(exact_cuda_math):
+    from captum_krypton import IncrementalOcclusion
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval().cuda()
+    inputs = torch.randn(4, 3, 64, 64, device="cuda")
+    args = dict(sliding_window_shapes=(3, 8, 8), strides=4, target=[0, 1, 2, 3])
+    occlusion = IncrementalOcclusion(model)
+    one = occlusion.attribute(inputs, **args)
+    two = occlusion.attribute(inputs, devices=["cuda:0", "cuda:1"], **args)
+    assert two.device == inputs.device
+    with torch.no_grad():
+        scale = max(one.abs().max().item(), model(inputs).abs().max().item())
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-5 * scale)
