@@ -300,11 +300,13 @@ class PreparedOcclusion:
         device = self.inputs.device
         graphed: GraphedBatch | None = None
         position = 0
+        # All ids go to the device at once: a copy per batch from host memory would
+        # wait for the previous batch, and the host could not run ahead.
+        every_id = torch.from_numpy(np.ascontiguousarray(window_ids, dtype=np.int64)).to(device)
         with _cudnn_autotuning(device):
             while position < len(window_ids):
                 count = min(windows_per_batch, len(window_ids) - position)
-                batch_ids = window_ids[position : position + count]
-                ids = torch.from_numpy(np.ascontiguousarray(batch_ids, dtype=np.int64)).to(device)
+                ids = every_id[position : position + count]
                 padded = ids
                 if device.type == "cuda" and count < windows_per_batch:
                     padded = _pad_to_bucket(ids, windows_per_batch)
