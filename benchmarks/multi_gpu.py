@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--stride", type=int, default=2)
     parser.add_argument("--calls", type=int, default=4)
+    parser.add_argument("--cuda-graphs", action="store_true", help="also time cuda_graphs=True")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = parser.parse_args()
     gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -47,22 +48,6 @@ def main() -> None:
     occlusion = IncrementalOcclusion(model)
     kwargs = dict(sliding_window_shapes=(3, 16, 16), strides=args.stride, target=0)
 
-    def one_gpu():
-        return occlusion.attribute(images, **kwargs)
-
-    def all_gpus():
-        return occlusion.attribute(images, devices=gpus, **kwargs)
-
-    started = time.perf_counter()
-    one_gpu()
-    first_one = time.perf_counter() - started
-    started = time.perf_counter()
-    all_gpus()
-    first_all = time.perf_counter() - started
-    one_s, one = timed(one_gpu, args.calls)
-    all_s, shared = timed(all_gpus, args.calls)
-    with torch.no_grad():
-        scale = max(one.abs().max().item(), model(images).abs().max().item())
     result = {
         "device": torch.cuda.get_device_name(),
         "gpus": len(gpus),
@@ -70,14 +55,35 @@ def main() -> None:
         "model": args.model,
         "images_per_call": args.images,
         "stride": args.stride,
-        "windows_per_image": occlusion.last_run.windows_total,
         "calls": args.calls,
-        "one_gpu_seconds": one_s,
-        "all_gpus_seconds": all_s,
-        "speedup": one_s / all_s,
-        "first_call_seconds": {"one_gpu": first_one, "all_gpus": first_all},
-        "max_difference_over_scale": (shared - one).abs().max().item() / scale,
+        "runs": {},
     }
+    for graphs in [False, True] if args.cuda_graphs else [False]:
+
+        def one_gpu(graphs=graphs):
+            return occlusion.attribute(images, cuda_graphs=graphs, **kwargs)
+
+        def all_gpus(graphs=graphs):
+            return occlusion.attribute(images, devices=gpus, cuda_graphs=graphs, **kwargs)
+
+        started = time.perf_counter()
+        one_gpu()
+        first_one = time.perf_counter() - started
+        started = time.perf_counter()
+        all_gpus()
+        first_all = time.perf_counter() - started
+        one_s, one = timed(one_gpu, args.calls)
+        all_s, shared = timed(all_gpus, args.calls)
+        with torch.no_grad():
+            scale = max(one.abs().max().item(), model(images).abs().max().item())
+        result["windows_per_image"] = occlusion.last_run.windows_total
+        result["runs"]["cuda_graphs" if graphs else "eager"] = {
+            "one_gpu_seconds": one_s,
+            "all_gpus_seconds": all_s,
+            "speedup": one_s / all_s,
+            "first_call_seconds": {"one_gpu": first_one, "all_gpus": first_all},
+            "max_difference_over_scale": (shared - one).abs().max().item() / scale,
+        }
     print(json.dumps(result, indent=2))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "multi_gpu.json"), "w") as f:

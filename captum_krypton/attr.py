@@ -306,6 +306,7 @@ class IncrementalOcclusion(Occlusion):
                 windows_per_batch=windows_per_batch,
                 full_threshold=full_threshold,
                 kernels=kernels,
+                cuda_graphs=cuda_graphs,
                 on_progress=on_progress,
                 cancel=cancel,
             )
@@ -511,10 +512,13 @@ class IncrementalOcclusion(Occlusion):
         windows_per_batch: int | None,
         full_threshold: float | None,
         kernels: Literal["auto", "torch", "triton"],
+        cuda_graphs: bool,
         on_progress: Callable[[OcclusionProgress], object] | None,
         cancel: threading.Event | None,
     ) -> TensorOrTupleOfTensorsGeneric:
-        """Windows sharded over `devices` (engine/devices.py)."""
+        """Windows sharded over `devices` (engine/devices.py). The threads share
+        Python's interpreter lock, so host-bound plans scale better with
+        `cuda_graphs=True` (one launch per batch)."""
         started = time.perf_counter()
         (inputs, window, strides, baselines, target, extra, ppe, show_progress) = captum_args
         _check_strides(inputs, strides)
@@ -539,6 +543,7 @@ class IncrementalOcclusion(Occlusion):
                     full_threshold,
                 )
                 ready.use_triton = use_triton(kernels, device)
+                ready.use_cuda_graphs = cuda_graphs and ready.use_triton and device.type == "cuda"
                 prepared.append(ready)
                 targets.append(to_device(target, device))
         except UnsupportedForIncremental as exc:
