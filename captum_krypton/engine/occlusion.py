@@ -401,8 +401,7 @@ class GraphedBatch:
                 output = prepared.batch_run(ids).run()
         except torch.cuda.OutOfMemoryError:
             raise
-        except (RuntimeError, getattr(torch, "AcceleratorError", RuntimeError)) as exc:
-            # An op that syncs with the host, or searches algorithms, cannot be captured.
+        except RuntimeError as exc:  # an op that syncs with the host cannot be captured
             logger.info("CUDA graph capture failed, running eagerly: %s", exc)
             return None
         if not isinstance(output, torch.Tensor):
