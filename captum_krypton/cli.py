@@ -98,7 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run_parser.add_argument("--model", required=True, help="MODULE:FN returning the model")
     run_parser.add_argument(
-        "--data", required=True, help="MODULE:FN returning (images, labels), images (N, C, H, W)"
+        "--data",
+        required=True,
+        help="a directory of (C, H, W) .npy images (+ labels.npy), or MODULE:FN returning "
+        "(images, labels)",
     )
     run_parser.add_argument("--out", required=True, help="directory for NNNNNN.npy files")
     run_parser.add_argument("--window", type=int, default=12)

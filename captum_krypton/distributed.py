@@ -32,6 +32,35 @@ def load_object(spec: str) -> Any:
     return function()
 
 
+class NpyFolder:
+    """A directory of images saved as .npy files, (C, H, W) each, read when used;
+    labels from `labels.npy` (one per image, in file-name order) when present."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.files = sorted(p for p in self.directory.glob("*.npy") if p.name != "labels.npy")
+        if not self.files:
+            raise ValueError(f"no .npy images in {self.directory}")
+        labels = self.directory / "labels.npy"
+        self.labels = np.load(labels) if labels.exists() else None
+        if self.labels is not None and len(self.labels) != len(self.files):
+            raise ValueError(f"{labels} has {len(self.labels)} labels for {len(self.files)} images")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.load(self.files[index])).float()
+
+
+def load_data(spec: str) -> tuple[Any, Any]:
+    """(images, labels) from a directory of .npy files or a MODULE:FUNCTION."""
+    if Path(spec).is_dir():
+        folder = NpyFolder(spec)
+        return folder, folder.labels
+    return load_object(spec)
+
+
 @dataclass
 class Rank:
     index: int
@@ -83,7 +112,9 @@ def run(
     for stale in out_dir.glob(f".*.rank{rank.index}.tmp"):  # left by a killed run
         stale.unlink()
     model = load_object(model_spec).to(rank.device).eval()
-    images, labels = load_object(data_spec)
+    images, labels = load_data(data_spec)
+    if target == "label" and labels is None:
+        raise ValueError("the data has no labels: pass --target top or a class index")
     occlusion = IncrementalOcclusion(model)
     mine = [i for i in range(len(images)) if i % rank.world == rank.index]
     todo = [i for i in mine if not item_path(out_dir, i).exists()]

@@ -92,3 +92,23 @@ def test_a_killed_run_resumes_to_the_same_complete_output(reference, tmp_path):
     for name, array in files.items():
         assert np.array_equal(array, reference[name]), name
     assert not list(tmp_path.glob(".*.tmp"))  # no half-written file left
+
+
+def test_a_directory_of_npy_images_gives_the_same_maps(reference, tmp_path):
+    from captum_krypton.demo.data import evaluation_set
+
+    images, labels = evaluation_set()
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, image in enumerate(images):
+        np.save(data / f"img{i:03d}.npy", image.numpy())
+    np.save(data / "labels.npy", labels.numpy())
+    out = tmp_path / "maps"
+    command = [sys.executable, *COMMAND, "--out", str(out)]
+    command[command.index("captum_krypton.demo.data:evaluation_set")] = str(data)
+    subprocess.run(command, check=True, env=ENV, timeout=300)
+    files = outputs(out)
+    assert files.keys() == reference.keys()
+    for name, array in files.items():
+        # The same values in differently allocated inputs: equal up to float rounding.
+        np.testing.assert_allclose(array, reference[name], rtol=0, atol=1e-5 * np.abs(array).max())
