@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=2)
     parser.add_argument("--calls", type=int, default=4)
     parser.add_argument("--cuda-graphs", action="store_true", help="also time cuda_graphs=True")
+    parser.add_argument(
+        "--windows-per-batch", type=int, nargs="*", default=[], help="also time these batch sizes"
+    )
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = parser.parse_args()
     gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -58,13 +61,19 @@ def main() -> None:
         "calls": args.calls,
         "runs": {},
     }
-    for graphs in [False, True] if args.cuda_graphs else [False]:
+    settings = [("eager", {})]
+    if args.cuda_graphs:
+        settings.append(("cuda_graphs", {"cuda_graphs": True}))
+    settings += [
+        (f"windows_per_batch={n}", {"windows_per_batch": n}) for n in args.windows_per_batch
+    ]
+    for label, options in settings:
 
-        def one_gpu(graphs=graphs):
-            return occlusion.attribute(images, cuda_graphs=graphs, **kwargs)
+        def one_gpu(options=options):
+            return occlusion.attribute(images, **options, **kwargs)
 
-        def all_gpus(graphs=graphs):
-            return occlusion.attribute(images, devices=gpus, cuda_graphs=graphs, **kwargs)
+        def all_gpus(options=options):
+            return occlusion.attribute(images, devices=gpus, **options, **kwargs)
 
         started = time.perf_counter()
         one_gpu()
@@ -77,7 +86,7 @@ def main() -> None:
         with torch.no_grad():
             scale = max(one.abs().max().item(), model(images).abs().max().item())
         result["windows_per_image"] = occlusion.last_run.windows_total
-        result["runs"]["cuda_graphs" if graphs else "eager"] = {
+        result["runs"][label] = {
             "one_gpu_seconds": one_s,
             "all_gpus_seconds": all_s,
             "speedup": one_s / all_s,
