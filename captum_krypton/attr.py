@@ -79,10 +79,6 @@ def _verify_windows(
     return tuple(per_dim)
 
 
-def _check_tau(tau: float) -> None:
-    check_fraction("tau", tau)
-
-
 #: Calls with more examples than this run in chunks of this many examples.
 EXAMPLES_PER_RUN = PLANNING_ROWS
 
@@ -284,59 +280,7 @@ class IncrementalOcclusion(Occlusion):
         computed, seconds, whether it was cancelled. Calls with more than
         EXAMPLES_PER_RUN (1024) examples run in chunks of that many examples.
         """
-        if devices is not None and engine != "captum":
-            if tau != 1.0 or drilldown is not None or target_ssim is not None or region:
-                raise ValueError(
-                    "devices= runs exact occlusion: no tau, drilldown, target_ssim or region"
-                )
-            return self._attribute_on_devices(
-                devices,
-                (
-                    inputs,
-                    sliding_window_shapes,
-                    strides,
-                    baselines,
-                    target,
-                    additional_forward_args,
-                    perturbations_per_eval,
-                    show_progress,
-                ),
-                engine=engine,
-                max_memory=max_memory,
-                windows_per_batch=windows_per_batch,
-                full_threshold=full_threshold,
-                kernels=kernels,
-                cuda_graphs=cuda_graphs,
-                on_progress=on_progress,
-                cancel=cancel,
-            )
-        examples = _format_tensor_into_tuples(inputs)[0].shape[0] if _has_tensor(inputs) else 0
-        if engine != "captum" and examples > EXAMPLES_PER_RUN:
-            return self._attribute_in_chunks(
-                examples,
-                inputs,
-                sliding_window_shapes,
-                strides,
-                baselines,
-                target,
-                additional_forward_args,
-                perturbations_per_eval,
-                show_progress,
-                on_progress=on_progress,
-                engine=engine,
-                max_memory=max_memory,
-                windows_per_batch=windows_per_batch,
-                full_threshold=full_threshold,
-                kernels=kernels,
-                cuda_graphs=cuda_graphs,
-                tau=tau,
-                drilldown=drilldown,
-                drilldown_factor=drilldown_factor,
-                target_ssim=target_ssim,
-                cancel=cancel,
-                region=region,
-            )
-        for progress_report in self.attribute_stream(
+        captum_args = (
             inputs,
             sliding_window_shapes,
             strides,
@@ -345,18 +289,44 @@ class IncrementalOcclusion(Occlusion):
             additional_forward_args,
             perturbations_per_eval,
             show_progress,
+        )
+        engine_options = dict(
             engine=engine,
             max_memory=max_memory,
             windows_per_batch=windows_per_batch,
             full_threshold=full_threshold,
             kernels=kernels,
             cuda_graphs=cuda_graphs,
+            cancel=cancel,
+        )
+        approximation_options = dict(
             tau=tau,
             drilldown=drilldown,
             drilldown_factor=drilldown_factor,
             target_ssim=target_ssim,
-            cancel=cancel,
             region=region,
+        )
+        if devices is not None and engine != "captum":
+            if tau != 1.0 or drilldown is not None or target_ssim is not None or region:
+                raise ValueError(
+                    "devices= runs exact occlusion: no tau, drilldown, target_ssim or region"
+                )
+            return self._attribute_on_devices(
+                devices, captum_args, on_progress=on_progress, **engine_options
+            )
+        examples = _format_tensor_into_tuples(inputs)[0].shape[0] if _has_tensor(inputs) else 0
+        if engine != "captum" and examples > EXAMPLES_PER_RUN:
+            return self._attribute_in_chunks(
+                examples,
+                *captum_args,
+                on_progress=on_progress,
+                **engine_options,
+                **approximation_options,
+            )
+        for progress_report in self.attribute_stream(
+            *captum_args,
+            **engine_options,
+            **approximation_options,
             report_batches=on_progress is not None,
         ):
             if on_progress is not None:
@@ -487,7 +457,7 @@ class IncrementalOcclusion(Occlusion):
         full, and FLOPs; `plan.summary()` prints it, `plan.theoretical_speedup` is the
         FLOP ratio against full re-inference. Raises IncrementalNotApplicable when
         the engine does not apply."""
-        _check_tau(tau)
+        check_fraction("tau", tau)
         try:
             return self._prepare(
                 inputs,

@@ -230,39 +230,22 @@ class PreparedOcclusion:
         """The clean run's selected outputs, flattened to (1, outputs)."""
         return _select_targets(self.output, target).reshape(1, -1)
 
-    def attribute(
-        self,
-        target: TargetType,
-        windows_per_batch: int,
-        on_batch: Callable[[int], None] | None = None,
-    ) -> torch.Tensor:
-        """Captum's result for this input: (outputs, *input.shape[1:]), float32."""
-        flat_initial = self.initial_outputs(target)
-        diffs = torch.empty(
-            (self.grid.num_windows, flat_initial.shape[1]),
-            dtype=flat_initial.dtype,
-            device=flat_initial.device,
-        )
-        every_window = np.arange(self.grid.num_windows)
-        for count in self.fill_diffs(every_window, target, windows_per_batch, flat_initial, diffs):
-            if on_batch is not None:
-                on_batch(count)
-        return self.attribution_from(diffs, flat_initial.dtype)
-
     def attribution_from(self, diffs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Captum's average over covering windows, from every window's output difference."""
+        return self._average(diffs, dtype).to(self.inputs.device)
+
+    def _average(self, diffs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """On the CPU: the sum over covering windows in the output's dtype, divided
+        by the counts in float32, as Captum computes it."""
         total, count = self.grid.accumulate(diffs)
-        # As Captum: the sum in the output's dtype, divided by counts in float32.
-        result = total.to(dtype).float() / count.float()
-        return result.to(self.inputs.device)
+        return total.to(dtype).float() / count.float()
 
     def cell_heatmap(self, diffs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`attribution_from`, kept on the CPU and averaged over stride-sized cells
         (where a window's edges fall on stride multiples, every position of a cell
         is covered by the same windows): what calibration compares, at a fraction
         of the cost of full-resolution SSIM."""
-        total, count = self.grid.accumulate(diffs)
-        heatmap = total.to(dtype).float() / count.float()
+        heatmap = self._average(diffs, dtype)
         spatial = heatmap.dim() - 2
         strides = self.grid.strides[1:]
         if 1 <= spatial <= 3 and any(s > 1 for s in strides):
