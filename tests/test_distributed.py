@@ -55,6 +55,29 @@ def reference(tmp_path_factory):
     single(out)
     files = outputs(out)
     assert len(files) == ITEMS
+    # The single-process maps are Captum's (two items checked).
+    from captum.attr import Occlusion
+
+    from captum_krypton.demo.data import evaluation_set
+    from captum_krypton.demo.model import load_demo_model
+
+    images, labels = evaluation_set()
+    model = load_demo_model()
+    for i in (0, ITEMS - 1):
+        expected = (
+            Occlusion(model)
+            .attribute(
+                images[i : i + 1],
+                (3, 12, 12),
+                strides=(3, 2, 2),
+                target=int(labels[i]),
+                perturbations_per_eval=64,
+            )[0]
+            .numpy()
+        )
+        np.testing.assert_allclose(
+            files[f"{i:06d}.npy"], expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+        )
     return files
 
 
