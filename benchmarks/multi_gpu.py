@@ -1,12 +1,15 @@
 """Several GPUs in one process: `devices=` against one GPU, same calls.
 
-    python benchmarks/multi_gpu.py [--model vgg16] [--images 8] [--stride 2] [--calls 4]
+    python benchmarks/multi_gpu.py [--model vgg16] [--images 8] [--stride 2] [--calls 6]
 
 torchvision model (weights=None), `--images` random 224 x 224 images per call,
 window (3, 16, 16), target 0, fp32 default settings. After a warm-up call each
 way (planning, kernel choices, cuDNN search, model copy per GPU), times `--calls`
 calls on cuda:0 alone and with the windows shared across every visible GPU;
-checks that the maps agree. Writes JSON to --out.
+checks that the maps agree. `devices=` runs two ways: the default (cuda:0 in
+this process, a worker process per other GPU) and threads of this process, one
+per GPU with CUDA graphs (the fallback when workers are unavailable). Writes
+JSON to --out.
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
 import torchvision
 
+import captum_krypton.attr
 from captum_krypton import IncrementalOcclusion
+
+real_uses_workers = captum_krypton.attr._uses_workers
 
 
 def timed(fn, calls: int) -> tuple[float, torch.Tensor]:
@@ -37,8 +44,7 @@ def main() -> None:
     parser.add_argument("--model", default="vgg16")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--stride", type=int, default=2)
-    parser.add_argument("--calls", type=int, default=4)
-    parser.add_argument("--cuda-graphs", action="store_true", help="also time cuda_graphs=True")
+    parser.add_argument("--calls", type=int, default=6)
     parser.add_argument(
         "--windows-per-batch", type=int, nargs="*", default=[], help="also time these batch sizes"
     )
@@ -60,10 +66,11 @@ def main() -> None:
         "stride": args.stride,
         "calls": args.calls,
         "runs": {},
+        "command": " ".join(["python", *sys.argv]),
     }
-    settings = [("eager", {})]
-    if args.cuda_graphs:
-        settings.append(("cuda_graphs", {"cuda_graphs": True}))
+    # default: one GPU in this process, a worker process for each other GPU;
+    # threads: every GPU from threads of this process (CUDA graphs), the fallback
+    settings = [("default", {}), ("threads", {})]
     settings += [
         (f"windows_per_batch={n}", {"windows_per_batch": n}) for n in args.windows_per_batch
     ]
@@ -72,7 +79,10 @@ def main() -> None:
         def one_gpu(options=options):
             return occlusion.attribute(images, **options, **kwargs)
 
-        def all_gpus(options=options):
+        def all_gpus(options=options, label=label):
+            captum_krypton.attr._uses_workers = (
+                (lambda devices: False) if label == "threads" else real_uses_workers
+            )
             return occlusion.attribute(images, devices=gpus, **options, **kwargs)
 
         started = time.perf_counter()

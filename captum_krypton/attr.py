@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -29,10 +30,18 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_krypton.approx.settings import Approximation, check_fraction, check_target_ssim
-from captum_krypton.engine.devices import Replicas, run_sharded, to_device
+from captum_krypton.engine.devices import (
+    Replicas,
+    compute_shard,
+    gather_shards,
+    run_sharded,
+    state_key,
+    to_device,
+)
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.progressive import OcclusionProgress, OcclusionReport, ProgressiveRun
 from captum_krypton.engine.windows import WindowGrid
+from captum_krypton.engine.workers import WorkerPool, WorkerUnavailable
 from captum_krypton.graph.capture import (
     CapturedGraph,
     UnsupportedForIncremental,
@@ -120,6 +129,12 @@ def _concatenate(parts: list, examples: int) -> Any:
     return tuple(joined) if isinstance(first, tuple) else joined[0]
 
 
+def _uses_workers(devices: Sequence[torch.device]) -> bool:
+    """Worker processes for `devices=`: when it names several different GPUs."""
+    cuda = [d for d in devices if d.type == "cuda"]
+    return len(cuda) == len(devices) > 1 and len(set(cuda)) == len(cuda)
+
+
 def _check_strides(inputs: Any, strides: Any) -> None:
     """Strides must be positive: Captum 0.9 turns 0 into an all-NaN result and a
     negative stride into a shape error deep inside."""
@@ -187,6 +202,7 @@ class IncrementalOcclusion(Occlusion):
         self.last_run: OcclusionReport | None = None
         self._replicas = Replicas()
         self._device_occlusions: dict[Any, IncrementalOcclusion] = {}
+        self._worker_pool = WorkerPool()
 
     @log_usage(part_of_slo=True)
     def attribute(  # type: ignore[override]
@@ -205,7 +221,7 @@ class IncrementalOcclusion(Occlusion):
         windows_per_batch: int | None = None,
         full_threshold: float | None = None,
         kernels: Literal["auto", "torch", "triton"] = "auto",
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
         tau: float = 1.0,
         drilldown: float | None = None,
         drilldown_factor: int = 4,
@@ -239,8 +255,10 @@ class IncrementalOcclusion(Occlusion):
                 torch ops otherwise), "torch" or "triton".
             cuda_graphs: on CUDA, capture one window batch as a CUDA graph and
                 replay it for the others (falls back to eager launches if capture
-                fails). Off by default: the capture costs about two batches, which
-                pays off only when a call runs many batches.
+                fails). None (default): on only where `devices=` drives several
+                GPUs from threads of this process (the fallback when worker
+                processes are unavailable); off otherwise, since on one GPU the
+                capture (about two batches) rarely pays off.
             tau: projective-field threshold in (0, 1]; below 1 every changed box
                 is capped at tau x its feature map's side (centred) at each layer
                 and changes beyond it are dropped: faster, approximate (Krypton).
@@ -271,10 +289,14 @@ class IncrementalOcclusion(Occlusion):
                 or a target SSIM.
 
             devices: several devices (e.g. ["cuda:0", "cuda:1"]) to share the
-                windows of this call: one model copy and one set of views per
-                device, one thread each; the result is on the input's device and
-                equals a one-device run. Exact occlusion only (no tau, drill-down,
-                target SSIM or region).
+                windows of this call; the result is on the input's device and
+                equals a one-device run. On several GPUs, this process computes
+                the first one's shard and a worker process (started on first use,
+                kept until `close()`) each other's; the model is sent to the
+                workers once per version, so its class must be importable by
+                module name (else: threads, with a RuntimeWarning). CPU devices
+                use threads. Exact occlusion only (no tau, drill-down, target SSIM
+                or region).
 
         `self.last_run` describes the call: engine, approximation settings, windows
         computed, seconds, whether it was cancelled. Calls with more than
@@ -349,7 +371,7 @@ class IncrementalOcclusion(Occlusion):
         windows_per_batch: int | None = None,
         full_threshold: float | None = None,
         kernels: Literal["auto", "torch", "triton"] = "auto",
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
         tau: float = 1.0,
         drilldown: float | None = None,
         drilldown_factor: int = 4,
@@ -405,7 +427,7 @@ class IncrementalOcclusion(Occlusion):
             ready = prepared.with_tau(tau)
             ready.use_triton = use_triton(kernels, ready.inputs.device)
             # Graphs need kernels that never wait on the host: the Triton ones.
-            ready.use_cuda_graphs = (
+            ready.use_cuda_graphs = bool(
                 cuda_graphs and ready.use_triton and ready.inputs.device.type == "cuda"
             )
             return ready
@@ -482,28 +504,45 @@ class IncrementalOcclusion(Occlusion):
         windows_per_batch: int | None,
         full_threshold: float | None,
         kernels: Literal["auto", "torch", "triton"],
-        cuda_graphs: bool,
+        cuda_graphs: bool | None,
         on_progress: Callable[[OcclusionProgress], object] | None,
         cancel: threading.Event | None,
     ) -> TensorOrTupleOfTensorsGeneric:
-        """Windows sharded over `devices` (engine/devices.py). The threads share
-        Python's interpreter lock, so host-bound plans scale better with
-        `cuda_graphs=True` (one launch per batch)."""
+        """Windows sharded over `devices`: on several GPUs this process computes
+        the first device's shard and a worker process each other's
+        (engine/workers.py); otherwise (CPU devices, or workers unavailable) one
+        thread per device in this process (engine/devices.py)."""
         started = time.perf_counter()
         (inputs, window, strides, baselines, target, extra, ppe, show_progress) = captum_args
         _check_strides(inputs, strides)
         targets_devices = [torch.device(d) for d in devices]
         if not targets_devices:
             raise ValueError("devices must name at least one device")
-        try:
+        module = None
+        with contextlib.suppress(UnsupportedForIncremental):
             module = resolve_module(self.forward_func)
+        remote = targets_devices[1:] if _uses_workers(targets_devices) else []
+        workers = []
+        if remote and module is not None:
+            key = state_key(module)
+            try:
+                if self._worker_pool.unavailable_for == key:
+                    raise WorkerUnavailable(self._worker_pool.unavailable)
+                workers = self._worker_pool.workers(remote, module, key)
+            except WorkerUnavailable as exc:
+                self._warn_once(f"devices= runs in threads of this process: {exc}", RuntimeWarning)
+        local_devices = targets_devices[:1] if workers else targets_devices
+        if cuda_graphs is None:  # threads of one process feeding several GPUs need graphs
+            cuda_graphs = not workers and sum(d.type == "cuda" for d in local_devices) > 1
+        try:
+            if module is None:
+                resolve_module(self.forward_func)  # raises with the reason
             prepared, targets = [], []
-            for device in targets_devices:
+            for device in local_devices:
                 replica = self._replicas.on(module, device)
                 if replica not in self._device_occlusions:
                     self._device_occlusions[replica] = IncrementalOcclusion(replica)
-                occlusion = self._device_occlusions[replica]
-                ready = occlusion._prepare(
+                ready = self._device_occlusions[replica]._prepare(
                     to_device(inputs, device),
                     window,
                     strides,
@@ -513,7 +552,9 @@ class IncrementalOcclusion(Occlusion):
                     full_threshold,
                 )
                 ready.use_triton = use_triton(kernels, device)
-                ready.use_cuda_graphs = cuda_graphs and ready.use_triton and device.type == "cuda"
+                ready.use_cuda_graphs = bool(
+                    cuda_graphs and ready.use_triton and device.type == "cuda"
+                )
                 prepared.append(ready)
                 targets.append(to_device(target, device))
         except UnsupportedForIncremental as exc:
@@ -533,14 +574,52 @@ class IncrementalOcclusion(Occlusion):
             with lock:
                 bar.update(count)
 
+        def batch_size(ready: PreparedOcclusion) -> int:
+            return windows_per_batch or ready.windows_per_batch(max_memory)
+
         try:
-            diffs, dtype, done = run_sharded(
-                prepared,
-                targets,
-                lambda ready: windows_per_batch or ready.windows_per_batch(max_memory),
-                on_batch,
-                cancel,
-            )
+            if workers:
+                cpu = torch.device("cpu")
+                shards = np.array_split(np.arange(total), len(targets_devices))
+                jobs = [
+                    dict(
+                        inputs=to_device(inputs, cpu),
+                        sliding_window_shapes=window,
+                        strides=strides,
+                        baselines=to_device(baselines, cpu),
+                        additional_forward_args=to_device(extra, cpu),
+                        perturbations_per_eval=ppe,
+                        full_threshold=full_threshold,
+                        target=to_device(target, cpu),
+                        kernels=kernels,
+                        cuda_graphs=bool(cuda_graphs),
+                        windows_per_batch=windows_per_batch,
+                        max_memory=max_memory,
+                        window_ids=ids,
+                    )
+                    for ids in shards[1:]
+                ]
+                ready = prepared[0]
+
+                def local(poll, should_stop):
+                    def on_local_batch(count: int) -> None:
+                        on_batch(count)
+                        poll()
+
+                    return compute_shard(
+                        ready, shards[0], targets[0], batch_size(ready), on_local_batch, should_stop
+                    )
+
+                local_result, remote_results = self._worker_pool.run(
+                    workers,
+                    jobs,
+                    local,
+                    on_batch,
+                    lambda: cancel is not None and cancel.is_set(),
+                )
+                diffs, dtype, done = gather_shards(total, shards, [local_result, *remote_results])
+            else:
+                diffs, dtype, done = run_sharded(prepared, targets, batch_size, on_batch, cancel)
         finally:
             bar.close()
         first = prepared[0]
@@ -676,6 +755,17 @@ class IncrementalOcclusion(Occlusion):
         return OcclusionProgress(
             result, "exact", total, total, total, elapsed, True, Approximation()
         )
+
+    def close(self) -> None:
+        """Stop the worker processes that `devices=` started (one per GPU after the
+        first; they are kept between calls and start again when needed). They also
+        stop when this object is garbage-collected or the program exits."""
+        self._worker_pool.close()
+
+    def _warn_once(self, message: str, category: type[Warning]) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, category, stacklevel=4)
 
     def _warn_fallback(self, reason: str) -> None:
         logger.info("IncrementalOcclusion falls back to Captum's Occlusion: %s", reason)

@@ -178,17 +178,43 @@ def test_cuda_many_images_equal_per_image_calls(exact_cuda_math):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_two_gpus_equal_one(exact_cuda_math):
+@pytest.mark.parametrize("sharing", ["workers", "threads"])
+def test_two_gpus_equal_one(exact_cuda_math, sharing, monkeypatch):
+    """Default: a worker process computes cuda:1's shard. Threads (when workers are
+    unavailable): one thread per GPU, each replaying a CUDA graph of its own."""
+    import captum_krypton.attr
     from captum_krypton import IncrementalOcclusion
+    from captum_krypton.engine.occlusion import GraphedBatch
 
+    if sharing == "threads":
+        monkeypatch.setattr(captum_krypton.attr, "_uses_workers", lambda devices: False)
+    replays = []
+    replay = GraphedBatch.run
+    monkeypatch.setattr(
+        GraphedBatch, "run", lambda self, ids: replays.append(ids.device) or replay(self, ids)
+    )
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval().cuda()
     inputs = torch.randn(4, 3, 64, 64, device="cuda")
+    # 225 windows, 4 examples: batches of 32 windows on each GPU and a partial last one
     args = dict(sliding_window_shapes=(3, 8, 8), strides=4, target=[0, 1, 2, 3])
     occlusion = IncrementalOcclusion(model)
     one = occlusion.attribute(inputs, **args)
-    two = occlusion.attribute(inputs, devices=["cuda:0", "cuda:1"], **args)
+    two = occlusion.attribute(inputs, devices=["cuda:0", "cuda:1"], windows_per_batch=32, **args)
     assert two.device == inputs.device
     with torch.no_grad():
         scale = max(one.abs().max().item(), model(inputs).abs().max().item())
     torch.testing.assert_close(two, one, rtol=0, atol=1e-5 * scale)
+    workers = occlusion._worker_pool._workers
+    if sharing == "workers":
+        assert len(workers) == 1 and replays == []
+        with torch.no_grad():  # a new model version reaches the worker
+            model.fc.weight.mul_(2.0)
+        again = occlusion.attribute(inputs, devices=["cuda:0", "cuda:1"], **args)
+        expected = occlusion.attribute(inputs, **args)
+        torch.testing.assert_close(again, expected, rtol=0, atol=2e-5 * scale)
+        occlusion.close()
+        assert not workers
+    else:
+        assert not workers
+        assert set(replays) == {torch.device("cuda", 0), torch.device("cuda", 1)}

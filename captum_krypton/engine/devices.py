@@ -58,6 +58,48 @@ class Replicas:
         return kept[1]
 
 
+def compute_shard(
+    ready: PreparedOcclusion,
+    ids: np.ndarray,
+    target: Any,
+    windows_per_batch: int,
+    on_batch: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Output differences of windows `ids`, (len(ids), outputs) on the CPU, and
+    how many of them (a prefix) were computed before `should_stop` said stop."""
+    device = ready.inputs.device
+    context = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+    with context:
+        initial = ready.initial_outputs(target)
+        table = torch.empty(
+            (ready.grid.num_windows, initial.shape[1]), dtype=initial.dtype, device=device
+        )
+        computed = 0
+        for count in ready.fill_diffs(ids, target, windows_per_batch, initial, table):
+            computed += count
+            if on_batch is not None:
+                on_batch(count)
+            if should_stop is not None and should_stop():
+                break
+        rows = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(device)
+        return table[rows].cpu(), computed
+
+
+def gather_shards(
+    num_windows: int, shards: Sequence[np.ndarray], results: Sequence[tuple[torch.Tensor, int]]
+) -> tuple[torch.Tensor, torch.dtype, np.ndarray]:
+    """Every window's row, (windows, outputs), from the shards' results; also the
+    dtype and which windows were computed."""
+    first = results[0][0]
+    diffs = torch.zeros((num_windows, first.shape[1]), dtype=first.dtype)
+    done = np.zeros(num_windows, dtype=bool)
+    for ids, (rows, computed) in zip(shards, results):
+        diffs[torch.from_numpy(ids)] = rows
+        done[ids[:computed]] = True
+    return diffs, first.dtype, done
+
+
 def run_sharded(
     prepared: Sequence[PreparedOcclusion],
     targets: Sequence[Any],
@@ -66,36 +108,22 @@ def run_sharded(
     cancel: threading.Event | None = None,
 ) -> tuple[torch.Tensor, torch.dtype, np.ndarray]:
     """Every window's output difference, (windows, outputs) on the CPU, computed
-    with windows split into contiguous shards, one per prepared device; also the
-    outputs' dtype and which windows were computed (all, unless cancelled)."""
+    with windows split into contiguous shards, one thread per prepared device; also
+    the outputs' dtype and which windows were computed (all, unless cancelled)."""
     num_windows = prepared[0].grid.num_windows
     shards = np.array_split(np.arange(num_windows), len(prepared))
-    results: list[torch.Tensor | None] = [None] * len(prepared)
-    done = np.zeros(num_windows, dtype=bool)
+    results: list[tuple[torch.Tensor, int] | None] = [None] * len(prepared)
     errors: list[BaseException] = []
-    lock = threading.Lock()
+
+    def should_stop() -> bool:
+        return bool(errors) or (cancel is not None and cancel.is_set())
 
     def work(index: int) -> None:
-        ready, ids, target = prepared[index], shards[index], targets[index]
-        device = ready.inputs.device
-        context = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+        ready = prepared[index]
         try:
-            with context:
-                initial = ready.initial_outputs(target)
-                table = torch.empty(
-                    (num_windows, initial.shape[1]), dtype=initial.dtype, device=device
-                )
-                position = 0
-                for count in ready.fill_diffs(ids, target, batch_size(ready), initial, table):
-                    with lock:
-                        done[ids[position : position + count]] = True
-                    position += count
-                    if on_batch is not None:
-                        on_batch(count)
-                    if errors or (cancel is not None and cancel.is_set()):
-                        break
-                rows = torch.from_numpy(ids).to(device)
-                results[index] = table[rows].cpu()
+            results[index] = compute_shard(
+                ready, shards[index], targets[index], batch_size(ready), on_batch, should_stop
+            )
         except BaseException as exc:  # re-raised in the caller's thread
             errors.append(exc)
 
@@ -106,9 +134,4 @@ def run_sharded(
         thread.join()
     if errors:
         raise errors[0]
-    first = next(r for r in results if r is not None)
-    diffs = torch.zeros((num_windows, first.shape[1]), dtype=first.dtype)
-    for ids, rows in zip(shards, results):
-        if rows is not None:
-            diffs[torch.from_numpy(ids)] = rows
-    return diffs, first.dtype, done
+    return gather_shards(num_windows, shards, results)

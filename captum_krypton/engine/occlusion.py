@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import math
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +24,6 @@ from captum_krypton.graph.capture import (
     evaluate,
 )
 from captum_krypton.graph.plan import PLANNING_ROWS, RegionPlan, build_plan, check_ops
-
-logger = logging.getLogger(__name__)
 
 #: Default memory for one window batch on the CPU; on CUDA, half the free memory.
 DEFAULT_CPU_MEMORY = 1 << 30
@@ -365,6 +363,27 @@ def _cached_plan(
     return plan
 
 
+_capture_streams: dict[torch.device, torch.cuda.Stream] = {}
+_capture_streams_lock = threading.Lock()
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for graph captures, made on first use."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    device = torch.device("cuda", index)
+    with _capture_streams_lock:
+        stream = _capture_streams.get(device)
+        if stream is None:
+            stream = _capture_streams[device] = torch.cuda.Stream(device)
+    return stream
+
+
+def _end_failed_capture(graph: torch.cuda.CUDAGraph) -> None:
+    """End a capture that an op broke off (the capture is invalid by then)."""
+    with contextlib.suppress(RuntimeError):
+        graph.capture_end()
+
+
 class GraphedBatch:
     """One window batch captured as a CUDA graph and replayed for every batch of the
     same size: the plan's many small launches cost one launch. The batch's window
@@ -379,14 +398,27 @@ class GraphedBatch:
         ids = torch.arange(size, device=device)
         prepared.run_windows(0, size)  # warm-up: caches, cudnn algorithm choice
         graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.no_grad(), torch.cuda.graph(graph):
+        # Captured on a side stream of this device with thread_local errors, and
+        # without torch.cuda.graph's device-wide synchronize and empty_cache: with
+        # devices=, other threads keep running batches on other GPUs meanwhile, and
+        # emptying the allocator's cache under them costs every GPU its memory blocks.
+        stream = _capture_stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.no_grad(), torch.cuda.stream(stream):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
                 output = prepared.batch_run(ids).run()
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except RuntimeError as exc:  # an op that syncs with the host cannot be captured
-            logger.info("CUDA graph capture failed, running eagerly: %s", exc)
-            return None
+            except torch.cuda.OutOfMemoryError:
+                _end_failed_capture(graph)
+                raise
+            except RuntimeError as exc:  # an op that syncs with the host cannot be captured
+                _end_failed_capture(graph)
+                warnings.warn(
+                    f"CUDA graph capture failed, running eagerly: {exc}", RuntimeWarning, 2
+                )
+                return None
+            graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(stream)
         if not isinstance(output, torch.Tensor):
             return None
         return cls(size, ids, graph, output)

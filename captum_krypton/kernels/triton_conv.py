@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from captum_krypton.kernels.triton_ops import MAX_DIMS, _padded3, _starts3, _strides3
+from captum_krypton.kernels.triton_ops import LAUNCH_LOCK, MAX_DIMS, _padded3, _starts3, _strides3
 
 #: Epilogue activations the kernel knows.
 ACTIVATIONS = (None, "relu")
@@ -260,32 +260,33 @@ def conv_region(
     else:  # Triton's interpreter: one small tile shape
         kernel, blocks = _conv_region_kernel, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
         grid = (triton.cdiv(total, 32), triton.cdiv(channels_out, 16))
-    kernel[grid](
-        out,
-        view,
-        box_arg,
-        w,
-        bias if bias is not None else w,
-        example.contiguous(),
-        _starts3(starts),
-        _starts3(box_starts) if has_box else _starts3(starts),
-        total,
-        positions,
-        channels_in,
-        channels_out,
-        *_padded3(out_size, 1)[1:],
-        *_padded3(weight.shape[2:], 1),
-        *_padded3(stride, 1),
-        *_padded3(dilation, 1),
-        *_padded3(view.shape[2:], 1),
-        *(_padded3(box.shape[2:], 1) if has_box else [1] * MAX_DIMS),
-        *_strides3(view),
-        *_strides3(box_arg),
-        *_strides3(out),
-        HAS_BOX=has_box,
-        HAS_BIAS=bias is not None,
-        RELU=activation == "relu",
-        PRECISION=_precision(view.dtype),
-        **blocks,
-    )
+    with LAUNCH_LOCK:
+        kernel[grid](
+            out,
+            view,
+            box_arg,
+            w,
+            bias if bias is not None else w,
+            example.contiguous(),
+            _starts3(starts),
+            _starts3(box_starts) if has_box else _starts3(starts),
+            total,
+            positions,
+            channels_in,
+            channels_out,
+            *_padded3(out_size, 1)[1:],
+            *_padded3(weight.shape[2:], 1),
+            *_padded3(stride, 1),
+            *_padded3(dilation, 1),
+            *_padded3(view.shape[2:], 1),
+            *(_padded3(box.shape[2:], 1) if has_box else [1] * MAX_DIMS),
+            *_strides3(view),
+            *_strides3(box_arg),
+            *_strides3(out),
+            HAS_BOX=has_box,
+            HAS_BIAS=bias is not None,
+            RELU=activation == "relu",
+            PRECISION=_precision(view.dtype),
+            **blocks,
+        )
     return out

@@ -10,6 +10,7 @@ Its torch reference is `torch_ops.compose_region`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,10 @@ import triton
 import triton.language as tl
 
 MAX_DIMS = 3
+
+#: Held around every launch: Triton's autotuner and compile caches are not safe to
+#: fill from several threads at once (devices= runs one thread per GPU).
+LAUNCH_LOCK = threading.Lock()
 
 
 @triton.jit(
@@ -166,26 +171,27 @@ def compose_region(
     position_blocks = triton.cdiv(positions, block_p)
     grid = (rows * position_blocks, triton.cdiv(channels, block_c))
     padded_size = _padded3(size, 1)
-    _compose_region_kernel[grid](
-        out,
-        view,
-        box_arg,
-        example.contiguous(),
-        _starts3(starts),
-        box_starts_arg,
-        channels,
-        positions,
-        position_blocks,
-        padded_size[1],
-        padded_size[2],
-        *_padded3(view.shape[2:], 1),
-        *box_size,
-        *_strides3(view),
-        *_strides3(box_arg),
-        *_strides3(out),
-        pad_value,
-        HAS_BOX=has_box,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-    )
+    with LAUNCH_LOCK:
+        _compose_region_kernel[grid](
+            out,
+            view,
+            box_arg,
+            example.contiguous(),
+            _starts3(starts),
+            box_starts_arg,
+            channels,
+            positions,
+            position_blocks,
+            padded_size[1],
+            padded_size[2],
+            *_padded3(view.shape[2:], 1),
+            *box_size,
+            *_strides3(view),
+            *_strides3(box_arg),
+            *_strides3(out),
+            pad_value,
+            HAS_BOX=has_box,
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+        )
     return out

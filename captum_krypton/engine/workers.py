@@ -1,0 +1,340 @@
+"""One worker process per extra GPU for `devices=`.
+
+Threads of one process do not keep several GPUs busy with this engine: a window
+batch is hundreds of small launches from Python, and measured on two GPUs the
+threads reached 1.2-1.3x of one GPU, CUDA graphs included, while one process
+per GPU reached 1.9x. So the caller's process computes the first device's shard
+and a worker process computes each other device's, all at once.
+
+A worker is a plain `python -c` process running `serve` (no fork, no
+re-import of the caller's `__main__`) that sees only its own GPU and
+talks through its stdin and stdout pipes as `multiprocessing` connections (its
+prints go to stderr). It gets the model once per
+model version (`torch.save`, loaded straight onto its GPU), then per call the
+inputs and its shard of window ids, and sends back a progress message per batch
+and its rows of the window table. It exits when told, or when the caller's
+process goes away.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import traceback
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+#: The worker's program (not `-m` of this module, which the package imports).
+_WORKER_MAIN = "import sys; from captum_krypton.engine.workers import serve; serve(sys.argv[1])"
+
+
+class WorkerUnavailable(RuntimeError):
+    """A worker could not be started or could not load the model (a model class
+    that its process cannot import, say): the caller falls back to threads."""
+
+
+@dataclass
+class ShardJob:
+    """What a worker needs for its shard of one call (tensors on the CPU)."""
+
+    call: int
+    inputs: Any
+    sliding_window_shapes: Any
+    strides: Any
+    baselines: Any
+    additional_forward_args: Any
+    perturbations_per_eval: int
+    full_threshold: float | None
+    target: Any
+    kernels: str
+    cuda_graphs: bool
+    windows_per_batch: int | None
+    max_memory: int | None
+    window_ids: np.ndarray
+    math_settings: dict = field(default_factory=dict)
+
+
+def math_settings() -> dict:
+    """The caller's float32 math choices (TF32), which the workers copy so that
+    every shard rounds as a one-device run would."""
+    return {
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+    }
+
+
+def _apply_math_settings(settings: dict) -> None:
+    if "cudnn_allow_tf32" in settings:
+        torch.backends.cudnn.allow_tf32 = settings["cudnn_allow_tf32"]
+        torch.backends.cuda.matmul.allow_tf32 = settings["matmul_allow_tf32"]
+        torch.backends.cudnn.deterministic = settings["cudnn_deterministic"]
+
+
+def _to_bytes(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes, device: torch.device | str) -> Any:
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
+
+
+def _visible_device(index: int) -> str:
+    """The CUDA_VISIBLE_DEVICES entry of this process's cuda:`index`."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return str(index)
+    return visible.split(",")[index].strip()
+
+
+class DeviceWorker:
+    """A worker process computing shards on one device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.model_key: tuple | None = None
+        # The caller's import path, so that the model's classes import the same way.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
+        worker_device = "cpu"
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            env["CUDA_VISIBLE_DEVICES"] = _visible_device(index)
+            worker_device = "cuda:0"
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_MAIN, worker_device],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches the caller, which stops the worker
+            )
+        except OSError as exc:
+            raise WorkerUnavailable(f"the worker for {device} did not start: {exc}") from exc
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.sender = Connection(os.dup(self.process.stdin.fileno()), readable=False)
+        self.receiver = Connection(os.dup(self.process.stdout.fileno()), writable=False)
+        self.process.stdin.close()
+        self.process.stdout.close()
+
+    def receive(self) -> tuple[str, Any]:
+        try:
+            return self.receiver.recv()
+        except (EOFError, OSError) as exc:
+            raise RuntimeError(f"the worker for {self.device} stopped") from exc
+
+    def load_model(self, module: nn.Module, key: tuple) -> None:
+        """Send the model unless this version is already there."""
+        if self.model_key == key:
+            return
+        try:
+            payload = _to_bytes(module)
+        except Exception as exc:
+            raise WorkerUnavailable(f"the model cannot be saved for a worker: {exc}") from exc
+        try:
+            self.sender.send_bytes(b"model" + payload)
+            kind, detail = self.receive()
+        except (OSError, RuntimeError) as exc:
+            kind, detail = "failed", exc
+        if kind != "ready":
+            raise WorkerUnavailable(f"the worker for {self.device} cannot load the model: {detail}")
+        self.model_key = key
+
+    def start(self, job: ShardJob) -> None:
+        self.sender.send_bytes(b"run__" + _to_bytes(job))
+
+    def cancel(self, call: int) -> None:
+        self.sender.send_bytes(b"stop_" + str(call).encode())
+
+    def close(self) -> None:
+        try:
+            self.sender.send_bytes(b"exit_")
+            self.process.wait(timeout=10)
+        except Exception:
+            self.process.kill()
+        finally:
+            self.sender.close()
+            self.receiver.close()
+
+
+class WorkerPool:
+    """Workers kept between calls, one per device; all are stopped after a call
+    that failed midway, so that no worker is left mid-shard."""
+
+    def __init__(self) -> None:
+        self._workers: dict[tuple[int, torch.device], DeviceWorker] = {}
+        # also at interpreter exit, before the subprocess machinery is torn down
+        self._finalizer = weakref.finalize(self, _close_workers, self._workers)
+        self._calls = 0
+        #: Why workers could not serve the model version `unavailable_for`.
+        self.unavailable: str | None = None
+        self.unavailable_for: tuple | None = None
+
+    def workers(
+        self, devices: Sequence[torch.device], module: nn.Module, key: tuple
+    ) -> list[DeviceWorker]:
+        """Workers for `devices` (started when missing), holding this model version."""
+        slots = list(enumerate(devices))
+        try:
+            for slot in slots:
+                if slot not in self._workers:
+                    self._workers[slot] = DeviceWorker(slot[1])
+                self._workers[slot].load_model(module, key)
+        except WorkerUnavailable as exc:
+            self.close()
+            self.unavailable, self.unavailable_for = str(exc), key
+            raise
+        return [self._workers[slot] for slot in slots]
+
+    def run(
+        self,
+        workers: Sequence[DeviceWorker],
+        jobs: Sequence[dict],
+        local: Callable[[Callable[[], None], Callable[[], bool]], tuple[torch.Tensor, int]],
+        on_batch: Callable[[int], None],
+        should_stop: Callable[[], bool],
+    ) -> tuple[tuple[torch.Tensor, int], list[tuple[torch.Tensor, int]]]:
+        """Start every worker's shard, compute the local one with `local(poll,
+        should_stop)` (poll forwards the workers' progress and a cancel), then
+        collect the workers' rows."""
+        self._calls += 1
+        call = self._calls
+        pending = set(range(len(workers)))
+        results: list[tuple[torch.Tensor, int] | None] = [None] * len(workers)
+        cancelled = False
+        errors: list[BaseException] = []
+
+        def receive(index: int, block: bool) -> None:
+            worker = workers[index]
+            while index in pending and (block or worker.receiver.poll()):
+                kind, payload = worker.receive()
+                if kind == "batch":
+                    on_batch(payload)
+                elif kind == "done":
+                    results[index] = _from_bytes(payload, "cpu")
+                    pending.discard(index)
+                elif kind == "error":
+                    errors.append(payload)
+                    pending.discard(index)
+
+        def poll() -> None:
+            nonlocal cancelled
+            for index in list(pending):
+                receive(index, block=False)
+            if not cancelled and (errors or should_stop()):
+                cancelled = True
+                for index in pending:
+                    workers[index].cancel(call)
+
+        try:
+            for worker, job in zip(workers, jobs):
+                worker.start(ShardJob(call=call, math_settings=math_settings(), **job))
+            local_result = local(poll, lambda: bool(errors) or should_stop())
+            poll()
+            for index in list(pending):
+                receive(index, block=True)
+        except BaseException:
+            self.close()  # workers may be mid-shard: start afresh next call
+            raise
+        if errors:
+            raise errors[0]
+        return local_result, results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        _close_workers(self._workers)
+
+
+def _close_workers(workers: dict) -> None:
+    for worker in workers.values():
+        worker.close()
+    workers.clear()
+
+
+# ---------------------------------------------------------------- worker side
+def _sendable(exc: BaseException) -> BaseException:
+    """The exception itself if it pickles, else a RuntimeError with its text."""
+    try:
+        _from_bytes(_to_bytes(exc), "cpu")
+        return exc
+    except Exception:
+        return RuntimeError("".join(traceback.format_exception(exc)))
+
+
+def _run_job(
+    sender: Connection, receiver: Connection, occlusion: Any, job: ShardJob, device: torch.device
+) -> None:
+    from captum_krypton.engine.devices import compute_shard
+    from captum_krypton.kernels import use_triton
+
+    _apply_math_settings(job.math_settings)
+    ready = occlusion._prepare(
+        job.inputs,
+        job.sliding_window_shapes,
+        job.strides,
+        job.baselines,
+        job.additional_forward_args,
+        job.perturbations_per_eval,
+        job.full_threshold,
+    )
+    ready.use_triton = use_triton(job.kernels, device)
+    ready.use_cuda_graphs = job.cuda_graphs and ready.use_triton and device.type == "cuda"
+    stop = False
+
+    def on_batch(count: int) -> None:
+        nonlocal stop
+        sender.send(("batch", count))
+        while receiver.poll():
+            message = receiver.recv_bytes()
+            if message == b"stop_" + str(job.call).encode():
+                stop = True
+
+    batch = job.windows_per_batch or ready.windows_per_batch(job.max_memory)
+    result = compute_shard(ready, job.window_ids, job.target, batch, on_batch, lambda: stop)
+    sender.send(("done", _to_bytes(result)))
+
+
+def serve(device_name: str) -> None:
+    """The worker's loop: a model, then shards, until told to stop. Messages in
+    are bytes with a 5-byte kind; messages out are (kind, payload) pickles."""
+    channel = os.dup(1)  # the caller reads stdout: prints go to stderr instead
+    os.dup2(2, 1)
+    receiver = Connection(os.dup(0), writable=False)
+    sender = Connection(channel, readable=False)
+    from captum_krypton.attr import IncrementalOcclusion
+
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    occlusion = None
+    while True:
+        try:
+            message = receiver.recv_bytes()
+        except (EOFError, OSError):  # the caller's process is gone
+            return
+        kind, payload = message[:5], message[5:]
+        if kind == b"exit_":
+            return
+        if kind == b"stop_":  # arrived after its shard was done
+            continue
+        try:
+            if kind == b"model":
+                occlusion = IncrementalOcclusion(_from_bytes(payload, device))
+                sender.send(("ready", None))
+            elif kind == b"run__":
+                if occlusion is None:
+                    raise RuntimeError("no model was sent")
+                _run_job(sender, receiver, occlusion, _from_bytes(payload, device), device)
+        except BaseException as exc:  # reported to the caller, which raises it
+            sender.send(("error" if kind == b"run__" else "failed", _sendable(exc)))
+            if isinstance(exc, KeyboardInterrupt):
+                return
