@@ -49,7 +49,6 @@ from captum_krypton.graph.capture import (
     resolve_module,
 )
 from captum_krypton.graph.plan import PLANNING_ROWS, RegionPlan
-from captum_krypton.kernels import use_triton
 
 logger = logging.getLogger(__name__)
 
@@ -424,13 +423,7 @@ class IncrementalOcclusion(Occlusion):
             return
 
         def prepare(tau: float) -> PreparedOcclusion:
-            ready = prepared.with_tau(tau)
-            ready.use_triton = use_triton(kernels, ready.inputs.device)
-            # Graphs need kernels that never wait on the host: the Triton ones.
-            ready.use_cuda_graphs = bool(
-                cuda_graphs and ready.use_triton and ready.inputs.device.type == "cuda"
-            )
-            return ready
+            return prepared.with_tau(tau).choose_kernels(kernels, cuda_graphs)
 
         bar = (
             progress(desc=f"{self.get_name()} attribution", total=prepared.grid.num_windows)
@@ -551,11 +544,7 @@ class IncrementalOcclusion(Occlusion):
                     ppe,
                     full_threshold,
                 )
-                ready.use_triton = use_triton(kernels, device)
-                ready.use_cuda_graphs = bool(
-                    cuda_graphs and ready.use_triton and device.type == "cuda"
-                )
-                prepared.append(ready)
+                prepared.append(ready.choose_kernels(kernels, cuda_graphs))
                 targets.append(to_device(target, device))
         except UnsupportedForIncremental as exc:
             if engine == "incremental":

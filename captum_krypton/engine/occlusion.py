@@ -24,6 +24,7 @@ from captum_krypton.graph.capture import (
     evaluate,
 )
 from captum_krypton.graph.plan import PLANNING_ROWS, RegionPlan, build_plan, check_ops
+from captum_krypton.kernels import use_triton
 
 #: Default memory for one window batch on the CPU; on CUDA, half the free memory.
 DEFAULT_CPU_MEMORY = 1 << 30
@@ -178,6 +179,14 @@ class PreparedOcclusion:
             output,
             full_threshold=full_threshold,
         )
+
+    def choose_kernels(self, kernels: str, cuda_graphs: bool | None) -> PreparedOcclusion:
+        """Triton kernels per `kernels` ("auto": on CUDA when installed); CUDA graphs
+        only with them, on CUDA: they need kernels that never wait on the host."""
+        device = self.inputs.device
+        self.use_triton = use_triton(kernels, device)
+        self.use_cuda_graphs = bool(cuda_graphs and self.use_triton and device.type == "cuda")
+        return self
 
     def with_tau(self, tau: float) -> PreparedOcclusion:
         """The same input and windows under another projective-field threshold: the

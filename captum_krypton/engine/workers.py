@@ -90,6 +90,14 @@ def _from_bytes(data: bytes, device: torch.device | str) -> Any:
     return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
 
 
+def save_model(module: nn.Module) -> bytes:
+    """The model as a worker loads it: saved once per version for every worker."""
+    try:
+        return _to_bytes(module)
+    except Exception as exc:
+        raise WorkerUnavailable(f"the model cannot be saved for a worker: {exc}") from exc
+
+
 def _visible_device(index: int) -> str:
     """The CUDA_VISIBLE_DEVICES entry of this process's cuda:`index`."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -133,14 +141,10 @@ class DeviceWorker:
         except (EOFError, OSError) as exc:
             raise RuntimeError(f"the worker for {self.device} stopped") from exc
 
-    def load_model(self, module: nn.Module, key: tuple) -> None:
-        """Send the model unless this version is already there."""
+    def load_model(self, payload: bytes, key: tuple) -> None:
+        """Send the saved model (`save_model`) unless this version is already there."""
         if self.model_key == key:
             return
-        try:
-            payload = _to_bytes(module)
-        except Exception as exc:
-            raise WorkerUnavailable(f"the model cannot be saved for a worker: {exc}") from exc
         try:
             self.sender.send_bytes(b"model" + payload)
             kind, detail = self.receive()
@@ -185,11 +189,14 @@ class WorkerPool:
     ) -> list[DeviceWorker]:
         """Workers for `devices` (started when missing), holding this model version."""
         slots = list(enumerate(devices))
+        payload = None
         try:
             for slot in slots:
                 if slot not in self._workers:
                     self._workers[slot] = DeviceWorker(slot[1])
-                self._workers[slot].load_model(module, key)
+                if self._workers[slot].model_key != key:
+                    payload = payload or save_model(module)
+                    self._workers[slot].load_model(payload, key)
         except WorkerUnavailable as exc:
             self.close()
             self.unavailable, self.unavailable_for = str(exc), key
@@ -274,7 +281,6 @@ def _run_job(
     sender: Connection, receiver: Connection, occlusion: Any, job: ShardJob, device: torch.device
 ) -> None:
     from captum_krypton.engine.devices import compute_shard
-    from captum_krypton.kernels import use_triton
 
     _apply_math_settings(job.math_settings)
     ready = occlusion._prepare(
@@ -286,8 +292,7 @@ def _run_job(
         job.perturbations_per_eval,
         job.full_threshold,
     )
-    ready.use_triton = use_triton(job.kernels, device)
-    ready.use_cuda_graphs = job.cuda_graphs and ready.use_triton and device.type == "cuda"
+    ready.choose_kernels(job.kernels, job.cuda_graphs)
     stop = False
 
     def on_batch(count: int) -> None:
