@@ -229,6 +229,7 @@ class IncrementalOcclusion(Occlusion):
         cancel: threading.Event | None = None,
         region: tuple[int, ...] | None = None,
         devices: Sequence[str | torch.device] | None = None,
+        self_check: bool = True,
     ) -> TensorOrTupleOfTensorsGeneric:
         """Occlusion attributions, as `captum.attr.Occlusion.attribute` computes them.
 
@@ -327,6 +328,7 @@ class IncrementalOcclusion(Occlusion):
             target_ssim=target_ssim,
             region=region,
         )
+        engine_options["self_check"] = self_check
         if devices is not None and engine != "captum":
             if tau != 1.0 or drilldown is not None or target_ssim is not None or region:
                 raise ValueError(
@@ -377,6 +379,7 @@ class IncrementalOcclusion(Occlusion):
         target_ssim: float | None = None,
         cancel: threading.Event | None = None,
         region: tuple[int, ...] | None = None,
+        self_check: bool = True,
         report_batches: bool = True,
     ) -> Iterator[OcclusionProgress]:
         """`attribute` as an iterator of `OcclusionProgress`: a heatmap after every
@@ -500,6 +503,7 @@ class IncrementalOcclusion(Occlusion):
         cuda_graphs: bool | None,
         on_progress: Callable[[OcclusionProgress], object] | None,
         cancel: threading.Event | None,
+        self_check: bool = True,
     ) -> TensorOrTupleOfTensorsGeneric:
         """Windows sharded over `devices`: on several GPUs this process computes
         the first device's shard and a worker process each other's
