@@ -3,6 +3,8 @@ cancel and restart, errors, probes, saving."""
 
 from __future__ import annotations
 
+import threading
+
 import matplotlib
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 from captum.attr import Occlusion
 
 pytest.importorskip("anywidget")
-from captum_krypton.widget import OcclusionWidget  # noqa: E402
+from captum_krypton.widget import OcclusionWidget, occlusion  # noqa: E402
 
 from tests import models  # noqa: E402
 
@@ -30,6 +32,25 @@ def model():
 @pytest.fixture
 def image():
     return torch.randn(3, 20, 20)
+
+
+@pytest.fixture
+def escaped(monkeypatch):
+    """Exceptions that end a thread unhandled during the test (there should be none)."""
+    caught = []
+    monkeypatch.setattr(threading, "excepthook", caught.append)
+    return caught
+
+
+class OneExample(torch.nn.Module):
+    """A model written for a batch of one: any other batch size raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 8 * 8, 2)
+
+    def forward(self, x):
+        return self.fc(x.view(1, -1))
 
 
 def test_a_run_sends_captums_numbers_as_a_float32_buffer(model, image):
@@ -155,6 +176,68 @@ def test_a_model_error_is_shown_and_the_widget_stays_usable(model, image):
     flaky.broken = False
     widget.compute()
     assert widget.wait(WAIT) and widget.error == "" and widget.attribution is not None
+
+
+def test_a_model_for_one_example_gets_its_map_without_a_speedup_estimate(escaped):
+    torch.manual_seed(0)
+    one = OneExample().eval()
+    image = torch.randn(3, 8, 8)
+    # Captum's path evaluates one occluded copy at a time, which this model takes;
+    # the speedup estimate's batch of 64 copies it does not.
+    widget = OcclusionWidget(one, image, window=4, stride=2, target=1, engine="captum")
+    assert widget.wait(WAIT) and not widget.running
+    expected = Occlusion(one).attribute(image[None], (3, 4, 4), strides=(3, 2, 2), target=1)
+    torch.testing.assert_close(widget.attribution, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(_heatmap(widget), expected[0].mean(0).numpy(), atol=1e-6)
+    assert widget.error == "" and widget.run_count == 1
+    assert "9 of 9 windows" in widget.status
+    assert "speedup over Captum's Occlusion could not be estimated" in widget.status
+    assert "batch of 64 copies raised RuntimeError" in widget.status
+    assert "x Captum's Occlusion (estimated" not in widget.status
+
+    widget.compute()
+    assert widget.wait(WAIT) and not widget.running and widget.run_count == 2
+    torch.testing.assert_close(widget.attribution, expected, rtol=0, atol=1e-6)
+    assert widget.error == "" and "could not be estimated" in widget.status
+    assert escaped == []
+
+
+@pytest.mark.parametrize("step", ["ssim", "summary", "buffers"])
+def test_an_error_after_the_model_ran_is_shown_and_the_widget_stays_usable(
+    model, image, monkeypatch, escaped, step
+):
+    widget = OcclusionWidget(model, image, window=4, stride=2, target=1, autorun=False)
+    widget.tau = 0.5  # a run, exact (approximate is off): its map is kept for the SSIM
+    assert widget.wait(WAIT) and widget.error == "" and widget.run_count == 1
+    exact = Occlusion(model).attribute(image[None], (3, 4, 4), strides=(3, 2, 2), target=1)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(f"the {step} step failed on purpose")
+
+    # Each step runs in the worker thread once the engine has produced a map.
+    if step == "ssim":  # the exact map of these settings is known: compared next run
+        monkeypatch.setattr(occlusion, "attribution_ssim", fail)
+    elif step == "summary":
+        monkeypatch.setattr(OcclusionWidget, "_summary", fail)
+    else:  # sending a map to the front end
+        monkeypatch.setattr(OcclusionWidget, "_show", fail)
+    widget.approximate = True  # one run, with tau 0.5
+    assert widget.wait(WAIT) and not widget.running and widget.run_count == 2
+    assert widget.error == f"RuntimeError: the {step} step failed on purpose"
+    if step == "buffers":  # no map reached the screen: the previous one stays
+        assert widget.status == "failed"
+        torch.testing.assert_close(widget.attribution, exact, rtol=0, atol=1e-5)
+    else:  # the approximate map was complete before the failure: it is kept
+        assert widget.status == "map complete, then its summary failed"
+        assert widget.occlusion.last_run.approximation.tau == 0.5
+        assert widget.attribution.shape == exact.shape
+    assert escaped == []
+
+    monkeypatch.undo()
+    widget.approximate = False
+    assert widget.wait(WAIT) and not widget.running and widget.run_count == 3
+    assert widget.error == "" and "Captum" in widget.status
+    torch.testing.assert_close(widget.attribution, exact, rtol=0, atol=1e-5)
 
 
 def test_probe_reports_the_occluded_windows_probability_drop(model, image):

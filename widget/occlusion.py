@@ -68,6 +68,15 @@ class OcclusionWidget(anywidget.AnyWidget):
     or (3, H, W) in [0, 1]); default: the input, scaled to [0, 1].
     attribute_options: passed on to `IncrementalOcclusion.attribute` (for example
     `baselines=` or `kernels=`).
+
+    Runs go to a worker thread; an exception anywhere in it (the model, sending a
+    map, the status summary) is caught and shown: `error` holds its message,
+    `status` reads "failed" (or says the map was complete when only the summary
+    after it failed, the map then kept), `running` goes back to False, and a later
+    `compute()` runs normally. The speedup over Captum's Occlusion is estimated by
+    timing the model on a batch of CAPTUM_BATCH copies of the input; where the model
+    does not accept that batch, the run still succeeds (map kept, `error` empty)
+    and the status says the speedup could not be estimated.
     """
 
     _esm = STATIC / "widget.js"
@@ -127,6 +136,7 @@ class OcclusionWidget(anywidget.AnyWidget):
         self._generation = 0
         self._exact: dict[tuple, torch.Tensor] = {}
         self._captum_seconds_per_batch: float | None = None
+        self._captum_estimate_failure: str | None = None
         self._display = _display_rgb(display_image, inputs[0])
         classes = self._top_classes()
         super().__init__(
@@ -240,29 +250,35 @@ class OcclusionWidget(anywidget.AnyWidget):
         previous: threading.Thread | None,
         options: dict[str, Any],
     ) -> None:
+        """A run, in the worker thread. Whatever raises in it (the model, sending
+        maps, the status summary) is caught: `error` and `status` say what failed,
+        `running` goes back to False and the next `compute()` starts afresh. A map
+        that was complete before the failure stays in `attribution` and on screen.
+        The speedup estimate does not fail a run (see `_speedup`)."""
         if previous is not None:
             previous.join()  # one run at a time uses the engine
         if cancel.is_set():
-            return
-        started = time.perf_counter()
-        self.error = ""
-        report: OcclusionProgress | None = None
+            return  # superseded before it began: the newer run reports
+        complete = False
         try:
+            started = time.perf_counter()
+            self.error = ""
+            report: OcclusionProgress | None = None
             for report in self.occlusion.attribute_stream(self.inputs, cancel=cancel, **options):
                 if generation != self._generation:
                     break
                 self._show(report)
-        except Exception as exc:  # the model's own errors: shown, widget stays usable
-            self.error = f"{type(exc).__name__}: {exc}"
-            self.status = "failed"
-        else:
             if report is not None and report.complete and generation == self._generation:
                 self.attribution = report.attribution
+                complete = True
                 self.status = self._summary(report, options, time.perf_counter() - started)
             elif report is not None:
                 self.status = (
                     f"cancelled after {report.windows_done} of {report.windows_planned} windows"
                 )
+        except Exception as exc:  # shown in the widget; the thread ends normally
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.status = "map complete, then its summary failed" if complete else "failed"
         finally:
             if generation == self._generation:
                 self.running = False
@@ -292,10 +308,10 @@ class OcclusionWidget(anywidget.AnyWidget):
             self._set_colormap()
 
     def _summary(self, report: OcclusionProgress, options: dict, seconds: float) -> str:
-        parts = [f"{seconds:.2f} s, {report.windows_done} of {report.windows_total} windows"]
-        captum = self._captum_estimate(report.windows_total)
-        if captum is not None:
-            parts.append(f"{captum / seconds:.1f}x Captum's Occlusion (estimated {captum:.2f} s)")
+        parts = [
+            f"{seconds:.2f} s, {report.windows_done} of {report.windows_total} windows",
+            self._speedup(report.windows_total, seconds),
+        ]
         key = (options["sliding_window_shapes"], options["strides"], self.target, tuple(self.roi))
         if report.approximation.exact and "region" not in options:
             self._exact[key] = report.attribution
@@ -310,21 +326,45 @@ class OcclusionWidget(anywidget.AnyWidget):
             parts.append(chosen)
         return "; ".join(parts)
 
-    def _captum_estimate(self, windows: int) -> float | None:
-        """Seconds Captum's Occlusion would take: its batches of CAPTUM_BATCH
-        occluded copies, timed once on this input."""
+    def _speedup(self, windows: int, seconds: float) -> str:
+        """The status's speedup over Captum's Occlusion, its time from one timed batch.
+
+        The estimate runs the model on a batch of CAPTUM_BATCH copies of the input,
+        which not every model accepts (one written for a single example, say, or
+        a batch too large for the device). Then the run is not failed: its map is
+        kept and shown, `error` stays empty, and this part of the status says the
+        speedup could not be estimated and why. The outcome is remembered, so later
+        runs neither time the model again nor fail again."""
+        if self._captum_seconds_per_batch is None and self._captum_estimate_failure is None:
+            try:
+                self._captum_seconds_per_batch = self._time_captum_batch()
+            except Exception as exc:  # the model's limits, not the run's fault
+                message = str(exc).strip().splitlines()
+                self._captum_estimate_failure = type(exc).__name__ + (
+                    f": {message[0]}" if message else ""
+                )
         if self._captum_seconds_per_batch is None:
-            batch = self.inputs.expand(CAPTUM_BATCH, *self.inputs.shape[1:]).contiguous()
-            with torch.no_grad():
-                self.model(batch)  # warm-up
-                if batch.is_cuda:
-                    torch.cuda.synchronize(batch.device)
-                started = time.perf_counter()
-                self.model(batch)
-                if batch.is_cuda:
-                    torch.cuda.synchronize(batch.device)
-            self._captum_seconds_per_batch = time.perf_counter() - started
-        return math.ceil(windows / CAPTUM_BATCH) * self._captum_seconds_per_batch
+            return (
+                "speedup over Captum's Occlusion could not be estimated (the model on "
+                f"a batch of {CAPTUM_BATCH} copies raised {self._captum_estimate_failure})"
+            )
+        captum = math.ceil(windows / CAPTUM_BATCH) * self._captum_seconds_per_batch
+        return f"{captum / seconds:.1f}x Captum's Occlusion (estimated {captum:.2f} s)"
+
+    def _time_captum_batch(self) -> float:
+        """Seconds for one of Captum's batches: CAPTUM_BATCH occluded copies of the
+        input through the model, timed once after a warm-up. Raises what the model
+        raises."""
+        batch = self.inputs.expand(CAPTUM_BATCH, *self.inputs.shape[1:]).contiguous()
+        with torch.no_grad():
+            self.model(batch)  # warm-up
+            if batch.is_cuda:
+                torch.cuda.synchronize(batch.device)
+            started = time.perf_counter()
+            self.model(batch)
+            if batch.is_cuda:
+                torch.cuda.synchronize(batch.device)
+        return time.perf_counter() - started
 
     # ------------------------------------------------------------ messages
     def _on_message(self, widget: Any, content: dict, buffers: list) -> None:
