@@ -3,6 +3,7 @@
 from captum_krypton.approx import Approximation, attribution_ssim
 from captum_krypton.attr import FallbackWarning, IncrementalNotApplicable, IncrementalOcclusion
 from captum_krypton.engine.progressive import OcclusionProgress, OcclusionReport
+from captum_krypton.engine.self_check import SelfCheckReport
 
 __all__ = [
     "IncrementalOcclusion",
@@ -10,6 +11,7 @@ __all__ = [
     "IncrementalNotApplicable",
     "OcclusionProgress",
     "OcclusionReport",
+    "SelfCheckReport",
     "Approximation",
     "attribution_ssim",
 ]

@@ -8,6 +8,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -40,12 +41,14 @@ from captum_krypton.engine.devices import (
 )
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.progressive import OcclusionProgress, OcclusionReport, ProgressiveRun
+from captum_krypton.engine.self_check import SelfCheckFailed, check_batches, verify_run
 from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.engine.workers import WorkerPool, WorkerUnavailable
 from captum_krypton.graph.capture import (
     CapturedGraph,
     UnsupportedForIncremental,
     capture_cached,
+    is_per_example,
     resolve_module,
 )
 from captum_krypton.graph.plan import PLANNING_ROWS, RegionPlan
@@ -180,6 +183,15 @@ def _captum_window_count(inputs: Any, sliding_window_shapes: Any, strides: Any) 
     return sum(
         WindowGrid(tuple(inp.shape[1:]), window, stride).num_windows
         for inp, window, stride in zip(formatted, windows, per_dim)
+    )
+
+
+def _as_check_failure(error: Exception) -> SelfCheckFailed:
+    """An error of the engine's run, as the self-check reports it."""
+    if isinstance(error, SelfCheckFailed):
+        return error
+    return SelfCheckFailed(
+        "engine run", f"the incremental engine raised {type(error).__name__}: {error}"
     )
 
 
@@ -418,11 +430,9 @@ class IncrementalOcclusion(Occlusion):
                 full_threshold,
                 1.0 if approximation.drilldown or target_ssim else approximation.tau,
             )
-        except UnsupportedForIncremental as exc:
-            if engine == "incremental":
-                raise IncrementalNotApplicable(str(exc)) from exc
-            self._warn_fallback(str(exc))
-            yield self._captum_run(captum_args)
+            behaviour = check_batches(prepared, target, self_check)
+        except (UnsupportedForIncremental, SelfCheckFailed) as exc:
+            yield self._fall_back(exc, engine, captum_args)
             return
 
         def prepare(tau: float) -> PreparedOcclusion:
@@ -452,13 +462,21 @@ class IncrementalOcclusion(Occlusion):
             on_planned=set_bar_total,
             format_result=lambda result: _format_output(_is_tuple(inputs), (result,)),
             window_ids=None if region is None else _windows_inside(prepared.grid, region),
+            verify=None if behaviour is None else partial(verify_run, prepared, target, behaviour),
         )
+        failure: Exception | None = None
         try:
             yield from run.steps()
+        except Exception as exc:  # with the self-check on, an engine error means Captum's path
+            if not self_check:
+                raise
+            failure = exc
         finally:
             bar.close()
             if run.report is not None:
                 self.last_run = run.report
+        if failure is not None:
+            yield self._fall_back(_as_check_failure(failure), engine, captum_args)
 
     def plan(
         self,
@@ -534,7 +552,7 @@ class IncrementalOcclusion(Occlusion):
         try:
             if module is None:
                 resolve_module(self.forward_func)  # raises with the reason
-            prepared, targets = [], []
+            prepared, targets, behaviours = [], [], []
             for device in local_devices:
                 replica = self._replicas.on(module, device)
                 if replica not in self._device_occlusions:
@@ -550,11 +568,9 @@ class IncrementalOcclusion(Occlusion):
                 )
                 prepared.append(ready.choose_kernels(kernels, cuda_graphs))
                 targets.append(to_device(target, device))
-        except UnsupportedForIncremental as exc:
-            if engine == "incremental":
-                raise IncrementalNotApplicable(str(exc)) from exc
-            self._warn_fallback(str(exc))
-            return self._captum_run(captum_args).attribution
+                behaviours.append(check_batches(ready, targets[-1], self_check))
+        except (UnsupportedForIncremental, SelfCheckFailed) as exc:
+            return self._fall_back(exc, engine, captum_args).attribution
         total = prepared[0].grid.num_windows
         bar = (
             progress(desc=f"{self.get_name()} attribution", total=total)
@@ -589,6 +605,7 @@ class IncrementalOcclusion(Occlusion):
                         windows_per_batch=windows_per_batch,
                         max_memory=max_memory,
                         window_ids=ids,
+                        self_check=self_check,
                     )
                     for ids in shards[1:]
                 ]
@@ -600,7 +617,13 @@ class IncrementalOcclusion(Occlusion):
                         poll()
 
                     return compute_shard(
-                        ready, shards[0], targets[0], batch_size(ready), on_local_batch, should_stop
+                        ready,
+                        shards[0],
+                        targets[0],
+                        batch_size(ready),
+                        on_local_batch,
+                        should_stop,
+                        behaviours[0],
                     )
 
                 local_result, remote_results = self._worker_pool.run(
@@ -612,7 +635,13 @@ class IncrementalOcclusion(Occlusion):
                 )
                 diffs, dtype, done = gather_shards(total, shards, [local_result, *remote_results])
             else:
-                diffs, dtype, done = run_sharded(prepared, targets, batch_size, on_batch, cancel)
+                diffs, dtype, done = run_sharded(
+                    prepared, targets, batch_size, on_batch, cancel, behaviours
+                )
+        except Exception as exc:  # with the self-check on, an engine error means Captum's path
+            if not self_check:
+                raise
+            return self._fall_back(_as_check_failure(exc), engine, captum_args).attribution
         finally:
             bar.close()
         first = prepared[0]
@@ -709,6 +738,16 @@ class IncrementalOcclusion(Occlusion):
             last.windows_computed = sum(r.windows_computed for r in reports)
         return result
 
+    def _fall_back(
+        self, reason: Exception, engine: Engine, captum_args: tuple
+    ) -> OcclusionProgress:
+        """Captum's path for this call, with a FallbackWarning giving `reason`;
+        with engine="incremental", IncrementalNotApplicable instead."""
+        if engine == "incremental":
+            raise IncrementalNotApplicable(str(reason)) from reason
+        self._warn_fallback(str(reason))
+        return self._captum_run(captum_args)
+
     def _captum_attribute(self, *args: Any) -> TensorOrTupleOfTensorsGeneric:
         return Occlusion.attribute.__wrapped__(self, *args)
 
@@ -793,7 +832,20 @@ class IncrementalOcclusion(Occlusion):
         _, formatted_baselines = _format_input_baseline(formatted, baselines)
         module = resolve_module(self.forward_func)
         extra = _format_additional_forward_args(additional_forward_args) or ()
-        captured = capture_cached(self._captures, module, extra)
+        shared = [
+            tuple(a.shape)
+            for a in extra
+            if isinstance(a, torch.Tensor)
+            and a.dim() > 0
+            and not is_per_example(a, formatted[0].shape[0])
+        ]
+        if perturbations_per_eval > 1 and shared:
+            raise UnsupportedForIncremental(
+                f"perturbations_per_eval={perturbations_per_eval} repeats every additional "
+                f"tensor along its first dim (Captum's rule), also the shared one of shape "
+                f"{shared[0]}; the engine keeps shared tensors as they are"
+            )
+        captured = capture_cached(self._captures, module, extra, formatted[0].shape[0])
         return PreparedOcclusion.prepare(
             captured,
             formatted[0],
@@ -802,5 +854,6 @@ class IncrementalOcclusion(Occlusion):
             per_dim_strides[0],
             full_threshold,
             tau,
-            eager_forward=lambda x: self.forward_func(x, *extra),
+            forward=self.forward_func,
+            additional_args=extra,
         )

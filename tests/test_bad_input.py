@@ -8,7 +8,7 @@ import pytest
 import torch
 from captum.attr import Occlusion
 
-from captum_krypton import IncrementalOcclusion
+from captum_krypton import FallbackWarning, IncrementalOcclusion
 from captum_krypton.engine import occlusion as occlusion_module
 from tests import models
 from tests.bad_inputs import CASES, run
@@ -48,12 +48,28 @@ def test_bad_input_gets_captums_answer_and_leaves_the_model(case):
         )
 
 
-@pytest.mark.parametrize("error", [RuntimeError("fault in a window batch"), KeyboardInterrupt()])
-def test_a_fault_inside_the_engine_propagates_and_leaves_everything_reusable(error, monkeypatch):
+@pytest.mark.parametrize(
+    "error,self_check",
+    [
+        (RuntimeError("fault in a window batch"), False),
+        (KeyboardInterrupt(), True),
+        (KeyboardInterrupt(), False),
+    ],
+)
+def test_a_fault_inside_the_engine_propagates_and_leaves_everything_reusable(
+    error, self_check, monkeypatch
+):
+    """Without the self-check an engine error reaches the caller; an interrupt always does."""
     model = models.small_cnn()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     inputs = torch.randn(2, 3, 12, 12)
-    args = dict(sliding_window_shapes=(3, 4, 4), strides=2, target=1, windows_per_batch=4)
+    args = dict(
+        sliding_window_shapes=(3, 4, 4),
+        strides=2,
+        target=1,
+        windows_per_batch=4,
+        self_check=self_check,
+    )
     occlusion = IncrementalOcclusion(model)
     original = occlusion_module.PreparedOcclusion.run_window_ids
     calls = []
@@ -69,10 +85,30 @@ def test_a_fault_inside_the_engine_propagates_and_leaves_everything_reusable(err
         occlusion.attribute(inputs, **args)
     monkeypatch.setattr(occlusion_module.PreparedOcclusion, "run_window_ids", original)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
-    expected = Occlusion(model).attribute(
-        inputs, **{k: v for k, v in args.items() if k != "windows_per_batch"}
-    )
+    expected = Occlusion(model).attribute(inputs, (3, 4, 4), strides=2, target=1)
     torch.testing.assert_close(occlusion.attribute(inputs, **args), expected, rtol=0, atol=1e-5)
+
+
+def test_with_the_self_check_an_engine_error_gives_captums_result(monkeypatch):
+    model = models.small_cnn()
+    inputs = torch.randn(2, 3, 12, 12)
+    original = occlusion_module.PreparedOcclusion.run_window_ids
+    calls = []
+
+    def failing(self, ids):
+        calls.append(len(ids))
+        if len(calls) == 3:
+            raise RuntimeError("fault in a window batch")
+        return original(self, ids)
+
+    monkeypatch.setattr(occlusion_module.PreparedOcclusion, "run_window_ids", failing)
+    with pytest.warns(FallbackWarning, match="self-check 'engine run' failed.*fault in a window"):
+        actual = IncrementalOcclusion(model).attribute(
+            inputs, (3, 4, 4), strides=2, target=1, windows_per_batch=4
+        )
+    assert calls  # the engine ran, then Captum's path
+    expected = Occlusion(model).attribute(inputs, (3, 4, 4), strides=2, target=1)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
 def test_a_forward_replaced_on_a_layer_runs_on_captums_path():

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from captum_krypton.engine.occlusion import PreparedOcclusion
+from captum_krypton.engine.self_check import BatchBehaviour, verify_run
 
 
 def to_device(value: Any, device: torch.device) -> Any:
@@ -65,9 +66,12 @@ def compute_shard(
     windows_per_batch: int,
     on_batch: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    behaviour: BatchBehaviour | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Output differences of windows `ids`, (len(ids), outputs) on the CPU, and
-    how many of them (a prefix) were computed before `should_stop` said stop."""
+    how many of them (a prefix) were computed before `should_stop` said stop.
+    With `behaviour` (the plan's batch check), the shard checks itself against
+    the forward function (engine/self_check.py) and raises SelfCheckFailed."""
     device = ready.inputs.device
     context = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
     with context:
@@ -82,6 +86,12 @@ def compute_shard(
                 on_batch(count)
             if should_stop is not None and should_stop():
                 break
+        if behaviour is not None:
+
+            def engine_diffs(window_ids: np.ndarray) -> torch.Tensor:
+                return table[torch.from_numpy(window_ids).to(device)]
+
+            verify_run(ready, target, behaviour, np.asarray(ids[:computed]), engine_diffs)
         rows = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(device)
         return table[rows].cpu(), computed
 
@@ -106,6 +116,7 @@ def run_sharded(
     batch_size: Callable[[PreparedOcclusion], int],
     on_batch: Callable[[int], None] | None = None,
     cancel: threading.Event | None = None,
+    behaviours: Sequence[BatchBehaviour | None] | None = None,
 ) -> tuple[torch.Tensor, torch.dtype, np.ndarray]:
     """Every window's output difference, (windows, outputs) on the CPU, computed
     with windows split into contiguous shards, one thread per prepared device; also
@@ -122,7 +133,13 @@ def run_sharded(
         ready = prepared[index]
         try:
             results[index] = compute_shard(
-                ready, shards[index], targets[index], batch_size(ready), on_batch, should_stop
+                ready,
+                shards[index],
+                targets[index],
+                batch_size(ready),
+                on_batch,
+                should_stop,
+                None if behaviours is None else behaviours[index],
             )
         except BaseException as exc:  # re-raised in the caller's thread
             errors.append(exc)

@@ -80,15 +80,11 @@ def _cudnn_autotuning(device: torch.device) -> Iterator[None]:
                 torch.backends.cudnn.benchmark = _autotuning_saved
 
 
-def _check_trace_matches(
-    traced: torch.Tensor, eager_forward: Callable[[torch.Tensor], Any], inputs: torch.Tensor
-) -> None:
+def _check_trace_matches(traced: torch.Tensor, eager: Any) -> None:
     """The trace must compute what the model's forward computes on this input. A
     trace keeps the branch Python took while tracing (`isinstance(x, Tensor)` is
     False for a traced value; a flag read in forward keeps its old value), so one
     forward of the model itself is compared with the traced clean run."""
-    with torch.no_grad():
-        eager = eager_forward(inputs)
     if not isinstance(eager, torch.Tensor) or eager.shape != traced.shape:
         raise UnsupportedForIncremental("the model's forward and its trace disagree")
     scale = float(eager.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if eager.numel() else 0.0
@@ -135,6 +131,11 @@ class PreparedOcclusion:
     use_triton: bool = False
     use_cuda_graphs: bool = False
     full_threshold: float | None = None
+    #: The user's forward function, its additional arguments as given, and its
+    #: output on the clean input: what the self-check compares with.
+    forward: Callable[..., Any] | None = None
+    additional_args: tuple = ()
+    eager_output: torch.Tensor | None = None
 
     @classmethod
     def prepare(
@@ -146,7 +147,8 @@ class PreparedOcclusion:
         strides: Sequence[int],
         full_threshold: float | None = None,
         tau: float = 1.0,
-        eager_forward: Callable[[torch.Tensor], Any] | None = None,
+        forward: Callable[..., Any] | None = None,
+        additional_args: tuple = (),
     ) -> PreparedOcclusion:
         if inputs.dim() < 3:
             raise UnsupportedForIncremental("the input has no spatial dimensions")
@@ -165,8 +167,11 @@ class PreparedOcclusion:
             raise UnsupportedForIncremental(
                 "the output does not have one row per example (aggregated output)"
             )
-        if eager_forward is not None:
-            _check_trace_matches(output, eager_forward, inputs)
+        eager = None
+        if forward is not None:
+            with torch.no_grad():
+                eager = forward(inputs, *additional_args)
+            _check_trace_matches(output, eager)
         grid = WindowGrid(tuple(inputs.shape[1:]), tuple(window), tuple(strides))
         plan = _cached_plan(captured, env, inputs, grid, full_threshold, tau)
         return cls(
@@ -178,6 +183,9 @@ class PreparedOcclusion:
             plan,
             output,
             full_threshold=full_threshold,
+            forward=forward,
+            additional_args=tuple(additional_args),
+            eager_output=eager,
         )
 
     def choose_kernels(self, kernels: str, cuda_graphs: bool | None) -> PreparedOcclusion:

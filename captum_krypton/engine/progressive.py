@@ -24,6 +24,7 @@ from captum_krypton.approx import drilldown as dd
 from captum_krypton.approx.calibrate import Calibration, calibrate
 from captum_krypton.approx.settings import Approximation
 from captum_krypton.engine.occlusion import PreparedOcclusion
+from captum_krypton.engine.self_check import SelfCheckReport
 
 Stage = Literal["exact", "approximate", "coarse", "refine"]
 
@@ -65,6 +66,9 @@ class OcclusionReport:
     seconds: float
     cancelled: bool = False
     calibration: Calibration | None = None
+    #: The call's self-check (None where it did not run: turned off, Captum's path,
+    #: or no window computed).
+    self_check: SelfCheckReport | None = None
 
 
 class ProgressiveRun:
@@ -83,6 +87,8 @@ class ProgressiveRun:
         on_planned: Callable[[int], None] | None = None,
         format_result: Callable[[torch.Tensor], torch.Tensor | tuple] = lambda t: t,
         window_ids: np.ndarray | None = None,
+        verify: Callable[[np.ndarray, Callable[[np.ndarray], torch.Tensor]], SelfCheckReport | None]
+        | None = None,
     ):
         self._prepare = prepare
         self._target = target
@@ -95,6 +101,8 @@ class ProgressiveRun:
         self._on_planned = on_planned
         self._format = format_result
         self._window_ids = window_ids  # only these windows (None: every one)
+        # verify(exact window ids, their engine differences) -> the self-check
+        self._verify = verify
         self.report: OcclusionReport | None = None
         self.result: torch.Tensor | None = None
 
@@ -112,6 +120,7 @@ class ProgressiveRun:
             device=self._initial.device,
         )
         self._computed = np.zeros(grid.num_windows, dtype=bool)
+        self._exact = np.zeros(grid.num_windows, dtype=bool)  # computed with tau = 1
         self._lattice: tuple[np.ndarray, ...] | None = None
         self._lattice_ids = np.zeros(0, dtype=np.int64)
         self._lattice_diffs: torch.Tensor | None = None
@@ -141,6 +150,7 @@ class ProgressiveRun:
                 )
         except _Cancelled:
             cancelled = True
+        self_check = self._self_check()
         self.result = self._format(self._heatmap())
         done = int(self._computed.sum())
         elapsed = time.perf_counter() - self._start
@@ -152,6 +162,7 @@ class ProgressiveRun:
             elapsed,
             cancelled,
             calibration,
+            self_check,
         )
         yield OcclusionProgress(
             self.result,
@@ -184,6 +195,8 @@ class ProgressiveRun:
         try:
             for count in batches:
                 self._computed[ids[position : position + count]] = True
+                if prepared.plan.tau == 1.0:
+                    self._exact[ids[position : position + count]] = True
                 position += count
                 if self._on_batch is not None:
                     self._on_batch(count)
@@ -195,6 +208,29 @@ class ProgressiveRun:
                     self._check_cancel()  # set while the report was being handled
         finally:
             batches.close()
+
+    def _self_check(self) -> SelfCheckReport | None:
+        """The self-check on windows computed exactly; where every window ran
+        approximately (tau < 1), the checked ones are computed exactly first."""
+        if self._verify is None:
+            return None
+        if self._exact.any():
+            diffs = self._diffs
+
+            def engine_diffs(ids: np.ndarray) -> torch.Tensor:
+                return diffs[torch.from_numpy(ids).to(diffs.device)]
+
+            return self._verify(np.flatnonzero(self._exact), engine_diffs)
+
+        def exact_diffs(ids: np.ndarray) -> torch.Tensor:
+            table = torch.empty_like(self._diffs)
+            for _ in self._prepare(1.0).fill_diffs(
+                ids, self._target, len(ids), self._initial, table
+            ):
+                pass
+            return table[torch.from_numpy(ids).to(table.device)]
+
+        return self._verify(np.flatnonzero(self._computed), exact_diffs)
 
     def _check_cancel(self) -> None:
         if self._cancel is not None and self._cancel.is_set():

@@ -60,6 +60,7 @@ class ShardJob:
     windows_per_batch: int | None
     max_memory: int | None
     window_ids: np.ndarray
+    self_check: bool = True
     math_settings: dict = field(default_factory=dict)
 
 
@@ -281,6 +282,7 @@ def _run_job(
     sender: Connection, receiver: Connection, occlusion: Any, job: ShardJob, device: torch.device
 ) -> None:
     from captum_krypton.engine.devices import compute_shard
+    from captum_krypton.engine.self_check import check_batches
 
     _apply_math_settings(job.math_settings)
     ready = occlusion._prepare(
@@ -293,6 +295,7 @@ def _run_job(
         job.full_threshold,
     )
     ready.choose_kernels(job.kernels, job.cuda_graphs)
+    behaviour = check_batches(ready, job.target, job.self_check)
     stop = False
 
     def on_batch(count: int) -> None:
@@ -304,7 +307,9 @@ def _run_job(
                 stop = True
 
     batch = job.windows_per_batch or ready.windows_per_batch(job.max_memory)
-    result = compute_shard(ready, job.window_ids, job.target, batch, on_batch, lambda: stop)
+    result = compute_shard(
+        ready, job.window_ids, job.target, batch, on_batch, lambda: stop, behaviour
+    )
     sender.send(("done", _to_bytes(result)))
 
 

@@ -102,6 +102,41 @@ class CapturedGraph:
     def module(self, node: fx.Node) -> nn.Module:
         return self.root.get_submodule(node.target)
 
+    def align_batch(self, examples: int | None) -> None:
+        """Mark the nodes that hold one row per example of the call: the input, the
+        additional tensors that are per example (`is_per_example`), and everything
+        computed from them. Shared tensors keep their clean value in every row."""
+        aligned = {self.input_node} | {
+            node
+            for node, value in self.placeholder_values.items()
+            if is_per_example(value, examples)
+        }
+        for node in self.nodes:
+            if any(a in aligned for a in node.all_input_nodes):
+                aligned.add(node)
+        self.batch_aligned = aligned
+
+
+def is_per_example(value: Any, examples: int | None) -> bool:
+    """Whether an additional forward argument has one row per example.
+
+    Captum passes additional arguments unchanged at perturbations_per_eval=1 and,
+    above it, repeats every tensor of one or more dims along dim 0 once per
+    perturbation. Both agree for a tensor whose first dim is the number of
+    examples, so such a tensor is treated as per example, and every other one
+    (scalars, and tensors shared by all examples) is passed unchanged.
+    """
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == examples
+
+
+def expand_additional_args(args: Sequence[Any], examples: int, copies: int) -> tuple:
+    """Additional forward arguments for `copies` perturbations of `examples`
+    examples in one batch (rows perturbation-major): per-example tensors repeated
+    as Captum repeats them, everything else unchanged."""
+    return tuple(
+        torch.cat([a] * copies) if copies > 1 and is_per_example(a, examples) else a for a in args
+    )
+
 
 def _trace_key(value: Any) -> Any:
     try:
@@ -167,15 +202,11 @@ def capture(module: nn.Module, additional_args: Sequence[Any]) -> CapturedGraph:
         placeholder_values=placeholder_values,
         output_node=output_node,
     )
-    tensor_placeholders = {input_node} | {
-        n for n, v in placeholder_values.items() if isinstance(v, torch.Tensor)
-    }
     for node in nodes:
         inputs = node.all_input_nodes
         if node is input_node or any(a in captured.depends_on_input for a in inputs):
             captured.depends_on_input.add(node)
-        if node in tensor_placeholders or any(a in captured.batch_aligned for a in inputs):
-            captured.batch_aligned.add(node)
+    captured.align_batch(None)
     return captured
 
 
@@ -241,20 +272,25 @@ def _redirect_inplace_aliases(module: nn.Module, nodes: list[fx.Node]) -> None:
 
 
 def capture_cached(
-    cache: dict[tuple, CapturedGraph], module: nn.Module, additional_args: Sequence[Any]
+    cache: dict[tuple, CapturedGraph],
+    module: nn.Module,
+    additional_args: Sequence[Any],
+    examples: int,
 ) -> CapturedGraph:
     """A trace for these arguments, reused when only tensor values changed (their
-    new values are bound to the graph's inputs); hooks are checked every time."""
+    new values are bound to the graph's inputs); hooks are checked every time.
+    `examples`: the call's batch size, which decides the per-example tensors."""
     key = trace_cache_key(additional_args)
     captured = cache.get(key)
     if captured is None:
         captured = cache[key] = capture(module, additional_args)
-        return captured
-    check_no_hooks(module)
-    tensors = iter(a for a in additional_args if isinstance(a, torch.Tensor))
-    for node, value in list(captured.placeholder_values.items()):
-        if isinstance(value, torch.Tensor):
-            captured.placeholder_values[node] = next(tensors)
+    else:
+        check_no_hooks(module)
+        tensors = iter(a for a in additional_args if isinstance(a, torch.Tensor))
+        for node, value in list(captured.placeholder_values.items()):
+            if isinstance(value, torch.Tensor):
+                captured.placeholder_values[node] = next(tensors)
+    captured.align_batch(examples)
     return captured
 
 
@@ -307,18 +343,23 @@ def clone_if_tensor(value: Any) -> Any:
     return value.clone() if isinstance(value, torch.Tensor) else value
 
 
-def evaluate(captured: CapturedGraph, input_value: torch.Tensor) -> dict[fx.Node, Any]:
+def evaluate(
+    captured: CapturedGraph,
+    input_value: torch.Tensor,
+    placeholder_values: dict[fx.Node, Any] | None = None,
+    env: dict[fx.Node, Any] | None = None,
+) -> dict[fx.Node, Any]:
     """Plain forward through the graph, keeping every node's value (the views).
 
     In-place ops get a copy of their first argument so that every kept value stays
-    what its node produced.
+    what its node produced. `placeholder_values` replaces the additional arguments;
+    values computed before an exception stay in `env` when the caller passes one.
     """
-    env: dict[fx.Node, Any] = {}
+    env = {} if env is None else env
+    extra = captured.placeholder_values if placeholder_values is None else placeholder_values
     for node in captured.nodes:
         if node.op == "placeholder":
-            env[node] = (
-                input_value if node is captured.input_node else captured.placeholder_values[node]
-            )
+            env[node] = input_value if node is captured.input_node else extra[node]
             continue
         if node.op == "output":
             env[node] = fx.node.map_arg(node.args[0], lambda n: env[n])

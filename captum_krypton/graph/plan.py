@@ -61,6 +61,11 @@ class RegionPlan:
     tau: float = 1.0
     #: Per-window offsets on the device, made once per plan (executor.Views).
     device_arrays: dict = field(default_factory=dict)
+    #: Outcome of the once-per-plan batch checks (engine/self_check.py): layout
+    #: checked, what the batch check measured, or the failure to raise again.
+    batch_layout_checked: bool = False
+    batch_behaviour: Any = None
+    batch_failure: Exception | None = None
 
     def fits(self, env: dict[fx.Node, Any]) -> bool:
         """Whether a clean run's values have the shapes this plan was made for."""

@@ -1,0 +1,368 @@
+"""Every incremental call checks itself against the user's own forward function.
+
+Rules can be wrong, and forward functions can do what no rule foresaw: mix the
+examples of a batch, expect one example, share an extra tensor. Three checks:
+
+1. Batch layout (once per plan, before any window runs; always on): the traced
+   graph runs two windows in one batch; every node must keep one row per
+   example (graph/batch_dims.py). Failing it is a reason for Captum's path.
+2. Batch coupling (once per plan, with the self-check): the same two windows
+   through the user's forward one at a time, exactly as Captum runs them at its
+   default perturbations_per_eval=1, against their rows of the batch.
+3. Windows (every call, with the self-check): a few computed windows - the
+   first and the last, windows on other borders, the centre - recomputed
+   through the user's forward in one batch, their output differences compared
+   with the engine's.
+
+Tolerances come from the model's own rounding, measured: the output change under
+a perturbation of the input by a few units in the last place, and the spread
+between a window run alone and in a batch. A model whose own spread is large is
+checked loosely and says so in `SelfCheckReport.loose`; it does not fail.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from captum._utils.common import _expand_target, _select_targets
+from captum._utils.typing import TargetType
+
+from captum_krypton.engine.occlusion import PreparedOcclusion
+from captum_krypton.graph.batch_dims import find_batch_mixing
+from captum_krypton.graph.capture import (
+    UnsupportedForIncremental,
+    evaluate,
+    expand_additional_args,
+)
+
+#: Differences up to this many units in the last place of the output scale are
+#: rounding whatever was measured (each of the two outputs rounds on its own).
+FLOOR_ULPS = 128
+#: ... and up to this multiple of the model's measured rounding spread.
+SPREAD_FACTOR = 16
+#: A measured spread above this share of the output scale makes the check loose.
+LOOSE_SPREAD = 1e-3
+#: The input perturbation that measures the model's conditioning, in units in the
+#: last place of each input value.
+PERTURBATION_ULPS = 4
+#: Windows recomputed per call: at most, and the share of the call's estimated
+#: cost (in forwards) that they may take on the CPU (on CUDA a small batch costs
+#: about one launch-bound forward whatever its size).
+MAX_CHECK_WINDOWS = 6
+MIN_CHECK_WINDOWS = 2
+CPU_CHECK_SHARE = 0.02
+
+
+#: The checks' names, as warnings give them.
+BATCH_CHECK = "batch of windows vs one at a time"
+WINDOWS_CHECK = "windows vs forward"
+
+
+class SelfCheckFailed(Exception):
+    """The engine's numbers disagree with the user's forward; `check` names the check."""
+
+    def __init__(self, check: str, detail: str):
+        super().__init__(check, detail)
+        self.check, self.detail = check, detail
+
+    def __str__(self) -> str:
+        return f"self-check '{self.check}' failed: {self.detail}"
+
+
+@dataclass(frozen=True)
+class BatchBehaviour:
+    """What the once-per-plan checks measured (kept with the plan)."""
+
+    #: Largest difference between a window's outputs alone and in a batch, and the
+    #: output change under a perturbation of the input in its last places;
+    #: relative to the output scale.
+    batch_spread: float
+    conditioning: float
+
+    @property
+    def rounding_spread(self) -> float:
+        return max(self.batch_spread, self.conditioning)
+
+
+@dataclass(frozen=True)
+class SelfCheckReport:
+    """The self-check of one call (`IncrementalOcclusion.last_run.self_check`).
+
+    windows: ids (Captum's numbering) of the windows recomputed through the forward.
+    max_error: largest |engine - forward| over their output differences.
+    tolerance: what max_error was allowed, in output units.
+    output_scale: largest |output| among the compared outputs.
+    rounding_spread: the model's own rounding spread, measured, relative to the
+        output scale.
+    loose: the spread is above LOOSE_SPREAD of the output: the check cannot see
+        errors below `tolerance`.
+    seconds: time the check took.
+    """
+
+    windows: tuple[int, ...]
+    max_error: float
+    tolerance: float
+    output_scale: float
+    rounding_spread: float
+    loose: bool
+    seconds: float
+
+
+def check_window_ids(
+    grid_counts: tuple[int, ...], candidates: np.ndarray, count: int
+) -> np.ndarray:
+    """Up to `count` of `candidates` (window ids), in order of preference: the first
+    and last, the grid's other corners (windows on other borders), the centre,
+    then evenly spread ones."""
+    candidates = np.asarray(candidates, dtype=np.int64)
+    if len(candidates) == 0:
+        return candidates
+    spatial = [n for n in grid_counts]
+    corners = []
+    for corner in range(2 ** len(spatial)):
+        index = [(n - 1) if corner >> d & 1 else 0 for d, n in enumerate(spatial)]
+        corners.append(int(np.ravel_multi_index(index, spatial)))
+    centre = int(np.ravel_multi_index([n // 2 for n in spatial], spatial))
+    spread = candidates[np.linspace(0, len(candidates) - 1, num=count).round().astype(int)]
+    allowed = set(candidates.tolist())
+    preferred = [int(candidates[0]), int(candidates[-1]), *corners, centre, *spread.tolist()]
+    chosen: list[int] = []
+    for window in preferred:
+        if window in allowed and window not in chosen:
+            chosen.append(window)
+        if len(chosen) == count:
+            break
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def check_window_count(prepared: PreparedOcclusion, windows: int) -> int:
+    """How many windows the per-call check recomputes (see CPU_CHECK_SHARE)."""
+    if prepared.inputs.device.type == "cuda":
+        return MAX_CHECK_WINDOWS
+    forwards = windows / max(prepared.plan.theoretical_speedup, 1.0)
+    affordable = math.floor(CPU_CHECK_SHARE * forwards)
+    return int(min(MAX_CHECK_WINDOWS, max(MIN_CHECK_WINDOWS, affordable)))
+
+
+def occluded_inputs(prepared: PreparedOcclusion, window_ids: np.ndarray) -> torch.Tensor:
+    """The whole occluded inputs of the given windows, (windows x examples, ...)
+    window-major, by Captum's formula input * (1 - mask) + baseline * mask."""
+    inputs = prepared.inputs
+    lo, hi = prepared.grid.bounds(np.asarray(window_ids))
+    mask = torch.zeros((len(window_ids), 1, *inputs.shape[1:]), dtype=torch.long)
+    for row, (start, stop) in enumerate(zip(lo, hi)):
+        mask[(row, 0, *(slice(a, b) for a, b in zip(start, stop)))] = 1
+    mask = mask.to(inputs.device)
+    one = torch.ones(1, dtype=torch.long, device=inputs.device)
+    occluded = inputs.unsqueeze(0) * (one - mask).to(inputs.dtype) + prepared.baseline * mask.to(
+        inputs.dtype
+    )
+    return occluded.reshape(-1, *inputs.shape[1:])
+
+
+def _selected(output: torch.Tensor, target: TargetType, copies: int) -> torch.Tensor:
+    """Captum's selected outputs of a batch of `copies` perturbations, (copies, outputs)."""
+    return _select_targets(output, _expand_target(target, copies)).reshape(copies, -1)
+
+
+def _forward(
+    prepared: PreparedOcclusion, window_ids: np.ndarray, target: TargetType, check: str
+) -> torch.Tensor:
+    """Selected outputs of the user's forward on the given windows in one batch;
+    its failure fails `check`."""
+    examples = prepared.inputs.shape[0]
+    copies = len(window_ids)
+    extra = expand_additional_args(prepared.additional_args, examples, copies)
+    try:
+        with torch.no_grad():
+            output = prepared.forward(occluded_inputs(prepared, window_ids), *extra)
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"it returned {type(output).__name__}")
+        return _selected(output, target, copies)
+    except Exception as exc:  # any failure of the user's forward fails the check
+        raise SelfCheckFailed(
+            check,
+            f"the forward function on {copies} window(s) raised {type(exc).__name__}: {exc}",
+        ) from exc
+
+
+def _epsilon(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+
+
+def _floor_ulps(dtype: torch.dtype) -> float:
+    return FLOOR_ULPS if torch.finfo(dtype).bits > 16 else FLOOR_ULPS / 8
+
+
+def _largest(*tensors: torch.Tensor) -> float:
+    values = [float(t.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) for t in tensors if t.numel()]
+    return max(values, default=0.0)
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |a - b| (in float64), NaN where exactly one of them is NaN counting
+    as infinite; positions NaN in both count as equal."""
+    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    both = torch.isnan(a64) & torch.isnan(b64)
+    gap = (a64 - b64).abs().masked_fill(both, 0.0).nan_to_num(float("inf"), float("inf"))
+    return float(gap.max()) if gap.numel() else 0.0
+
+
+def check_batch_layout(prepared: PreparedOcclusion, window_ids: np.ndarray) -> torch.Tensor:
+    """Check 1: run the traced graph on the given windows in one batch; raise
+    UnsupportedForIncremental, naming the node, if the model mixes its rows or
+    fails on a batch. Returns the batch's model output."""
+    captured = prepared.captured
+    examples = prepared.inputs.shape[0]
+    copies = len(window_ids)
+    extra = {
+        node: expand_additional_args((value,), examples, copies)[0]
+        for node, value in captured.placeholder_values.items()
+    }
+    batch_env: dict = {}
+    failure: Exception | None = None
+    with torch.no_grad():
+        try:
+            evaluate(captured, occluded_inputs(prepared, window_ids), extra, batch_env)
+        except Exception as exc:  # any failure of a batch: judged below
+            failure = exc
+    reason = find_batch_mixing(captured, prepared.views.env, batch_env, examples, copies)
+    if reason is None and failure is not None:
+        reason = (
+            f"the model fails on a batch of {copies} windows ({type(failure).__name__}: "
+            f"{failure}): it assumes one batch size"
+        )
+    if reason is not None:
+        raise UnsupportedForIncremental(reason)
+    output = batch_env[captured.output_node]
+    if not isinstance(output, torch.Tensor):
+        raise UnsupportedForIncremental(f"the model returns {type(output).__name__}")
+    return output
+
+
+def measure_batch_behaviour(
+    prepared: PreparedOcclusion,
+    window_ids: np.ndarray,
+    batch_output: torch.Tensor,
+    target: TargetType,
+) -> BatchBehaviour:
+    """Check 2: each window through the user's forward alone, as Captum runs it,
+    against its rows of the batch; and the model's conditioning. Raises
+    SelfCheckFailed when the batch differs beyond rounding."""
+    copies = len(window_ids)
+    batched = _selected(batch_output, target, copies)
+    with torch.no_grad():
+        alone = torch.cat(
+            [_forward(prepared, window_ids[i : i + 1], target, BATCH_CHECK) for i in range(copies)]
+        )
+        inputs = prepared.inputs
+        if inputs.is_floating_point():
+            generator = torch.Generator().manual_seed(0)
+            noise = torch.rand(inputs.shape, generator=generator, dtype=torch.float64) * 2 - 1
+            step = PERTURBATION_ULPS * _epsilon(inputs.dtype)
+            perturbed = inputs * (1 + step * noise.to(inputs.device)).to(inputs.dtype)
+            extra = prepared.additional_args
+            moved = prepared.forward(perturbed, *extra)
+            clean = _selected(prepared.eager_output, target, 1)
+            conditioning = _difference(_selected(moved, target, 1), clean)
+        else:
+            clean = _selected(prepared.eager_output, target, 1)
+            conditioning = 0.0
+    scale = max(_largest(alone, batched, clean), 1e-300)
+    spread = _difference(batched, alone)
+    dtype = batched.dtype
+    allowed = max(_floor_ulps(dtype) * _epsilon(dtype) * scale, SPREAD_FACTOR * conditioning)
+    if spread > allowed:
+        raise SelfCheckFailed(
+            BATCH_CHECK,
+            f"{copies} windows in one batch differ from the same windows run one at a time "
+            f"by {spread:.3g} (allowed {allowed:.3g}, outputs up to {scale:.3g}): the forward "
+            "function mixes the examples of a batch or treats an additional argument per "
+            "example that is shared",
+        )
+    return BatchBehaviour(spread / scale, conditioning / scale)
+
+
+def check_windows(
+    prepared: PreparedOcclusion,
+    target: TargetType,
+    behaviour: BatchBehaviour,
+    window_ids: np.ndarray,
+    engine_diffs: Callable[[np.ndarray], torch.Tensor],
+) -> SelfCheckReport:
+    """Check 3: the given windows through the user's forward in one batch; their
+    output differences against the engine's (`engine_diffs(ids)`, (ids, outputs)).
+    Raises SelfCheckFailed beyond the measured tolerance."""
+    started = time.perf_counter()
+    clean = _selected(prepared.eager_output, target, 1)
+    occluded = _forward(prepared, window_ids, target, WINDOWS_CHECK)
+    expected = clean - occluded
+    actual = engine_diffs(window_ids).to(expected.device)
+    dtype = expected.dtype
+    scale = _largest(clean, occluded)
+    spread = behaviour.rounding_spread
+    tolerance = max(_floor_ulps(dtype) * _epsilon(dtype), SPREAD_FACTOR * spread) * scale
+    error = _difference(actual.to(dtype), expected)
+    if error > tolerance:
+        worst = int(window_ids[int(((actual.to(dtype) - expected).abs()).amax(dim=1).argmax())])
+        raise SelfCheckFailed(
+            WINDOWS_CHECK,
+            f"window {worst}'s output difference is off by {error:.3g} (allowed {tolerance:.3g}, "
+            f"outputs up to {scale:.3g}) against the forward function run as Captum runs it",
+        )
+    return SelfCheckReport(
+        tuple(int(w) for w in window_ids),
+        error,
+        tolerance,
+        scale,
+        spread,
+        SPREAD_FACTOR * spread > LOOSE_SPREAD,
+        time.perf_counter() - started,
+    )
+
+
+def check_batches(
+    prepared: PreparedOcclusion, target: TargetType, self_check: bool
+) -> BatchBehaviour | None:
+    """Checks 1 and 2 (2 only with `self_check`), once per plan: their outcome is
+    kept with the plan and replayed, a failure included. Returns what check 2
+    measured (None without the self-check)."""
+    plan = prepared.plan
+    if plan.batch_failure is not None:
+        raise plan.batch_failure
+    if plan.batch_behaviour is not None or (plan.batch_layout_checked and not self_check):
+        return plan.batch_behaviour if self_check else None
+    grid = prepared.grid
+    ids = check_window_ids(grid.counts, np.arange(grid.num_windows), MIN_CHECK_WINDOWS)
+    if len(ids) < 2:  # one window: two copies of it still make a batch
+        ids = np.repeat(ids, 2)
+    try:
+        output = check_batch_layout(prepared, ids)
+        plan.batch_layout_checked = True
+        if self_check:
+            plan.batch_behaviour = measure_batch_behaviour(prepared, ids, output, target)
+    except (UnsupportedForIncremental, SelfCheckFailed) as exc:
+        plan.batch_failure = exc
+        raise
+    return plan.batch_behaviour if self_check else None
+
+
+def verify_run(
+    prepared: PreparedOcclusion,
+    target: TargetType,
+    behaviour: BatchBehaviour,
+    candidates: np.ndarray,
+    engine_diffs: Callable[[np.ndarray], torch.Tensor],
+) -> SelfCheckReport | None:
+    """Check 3 on a call's computed windows `candidates` (exact ones); None when
+    no window was computed."""
+    if len(candidates) == 0:
+        return None
+    count = check_window_count(prepared, len(candidates))
+    ids = check_window_ids(prepared.grid.counts, candidates, count)
+    return check_windows(prepared, target, behaviour, ids, engine_diffs)
