@@ -14,9 +14,10 @@ examples of a batch, expect one example, share an extra tensor. Three checks:
    through the user's forward in one batch, their output differences compared
    with the engine's.
 
-Tolerances come from the model's own rounding, measured: the output change under
-a perturbation of the input by a few units in the last place, and the spread
-between a window run alone and in a batch. A model whose own spread is large is
+Tolerances come from the model's own rounding, measured: the output change when
+every value the traced model computes moves by a random fraction of its last
+place, as rounding moves it, and the spread between a window run alone and in a
+batch. A model whose own spread is large is
 checked loosely and says so in `SelfCheckReport.loose`; it does not fail.
 """
 
@@ -26,6 +27,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,9 +49,6 @@ FLOOR_ULPS = 128
 SPREAD_FACTOR = 16
 #: A measured spread above this share of the output scale makes the check loose.
 LOOSE_SPREAD = 1e-3
-#: The input perturbation that measures the model's conditioning, in units in the
-#: last place of each input value.
-PERTURBATION_ULPS = 4
 #: Windows recomputed per call: at most, and the share of the call's estimated
 #: cost (in forwards) that they may take on the CPU (on CUDA a small batch costs
 #: about one launch-bound forward whatever its size).
@@ -79,14 +78,14 @@ class BatchBehaviour:
     """What the once-per-plan checks measured (kept with the plan)."""
 
     #: Largest difference between a window's outputs alone and in a batch, and the
-    #: output change under a perturbation of the input in its last places;
+    #: output change when every computed value moves within its last place;
     #: relative to the output scale.
     batch_spread: float
-    conditioning: float
+    rounding_noise: float
 
     @property
     def rounding_spread(self) -> float:
-        return max(self.batch_spread, self.conditioning)
+        return max(self.batch_spread, self.rounding_noise)
 
 
 @dataclass(frozen=True)
@@ -245,6 +244,27 @@ def check_batch_layout(prepared: PreparedOcclusion, window_ids: np.ndarray) -> t
     return output
 
 
+def rounding_noise(prepared: PreparedOcclusion, target: TargetType) -> float:
+    """The model's own rounding, measured: the traced clean run again with every
+    computed floating-point value moved by a random fraction of its last place
+    (as rounding moves it), and the largest change of the selected outputs."""
+    generator = torch.Generator(device=prepared.inputs.device).manual_seed(0)
+
+    def rounded(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return value
+        noise = torch.rand(value.shape, generator=generator, device=value.device) * 2 - 1
+        return value * (1 + _epsilon(value.dtype) * noise.to(value.dtype))
+
+    with torch.no_grad():
+        env = evaluate(prepared.captured, prepared.inputs, perturb=rounded)
+    moved = env[prepared.captured.output_node]
+    if not isinstance(moved, torch.Tensor):
+        return 0.0
+    clean = _selected(prepared.output, target, 1)
+    return _difference(_selected(moved, target, 1), clean)
+
+
 def measure_batch_behaviour(
     prepared: PreparedOcclusion,
     window_ids: np.ndarray,
@@ -252,31 +272,19 @@ def measure_batch_behaviour(
     target: TargetType,
 ) -> BatchBehaviour:
     """Check 2: each window through the user's forward alone, as Captum runs it,
-    against its rows of the batch; and the model's conditioning. Raises
+    against its rows of the batch; and the model's rounding noise. Raises
     SelfCheckFailed when the batch differs beyond rounding."""
     copies = len(window_ids)
     batched = _selected(batch_output, target, copies)
-    with torch.no_grad():
-        alone = torch.cat(
-            [_forward(prepared, window_ids[i : i + 1], target, BATCH_CHECK) for i in range(copies)]
-        )
-        inputs = prepared.inputs
-        if inputs.is_floating_point():
-            generator = torch.Generator().manual_seed(0)
-            noise = torch.rand(inputs.shape, generator=generator, dtype=torch.float64) * 2 - 1
-            step = PERTURBATION_ULPS * _epsilon(inputs.dtype)
-            perturbed = inputs * (1 + step * noise.to(inputs.device)).to(inputs.dtype)
-            extra = prepared.additional_args
-            moved = prepared.forward(perturbed, *extra)
-            clean = _selected(prepared.eager_output, target, 1)
-            conditioning = _difference(_selected(moved, target, 1), clean)
-        else:
-            clean = _selected(prepared.eager_output, target, 1)
-            conditioning = 0.0
+    alone = torch.cat(
+        [_forward(prepared, window_ids[i : i + 1], target, BATCH_CHECK) for i in range(copies)]
+    )
+    noise = rounding_noise(prepared, target)
+    clean = _selected(prepared.eager_output, target, 1)
     scale = max(_largest(alone, batched, clean), 1e-300)
     spread = _difference(batched, alone)
     dtype = batched.dtype
-    allowed = max(_floor_ulps(dtype) * _epsilon(dtype) * scale, SPREAD_FACTOR * conditioning)
+    allowed = max(_floor_ulps(dtype) * _epsilon(dtype) * scale, SPREAD_FACTOR * noise)
     if spread > allowed:
         raise SelfCheckFailed(
             BATCH_CHECK,
@@ -285,7 +293,7 @@ def measure_batch_behaviour(
             "function mixes the examples of a batch or treats an additional argument per "
             "example that is shared",
         )
-    return BatchBehaviour(spread / scale, conditioning / scale)
+    return BatchBehaviour(spread / scale, noise / scale)
 
 
 def check_windows(

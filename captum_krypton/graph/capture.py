@@ -348,12 +348,14 @@ def evaluate(
     input_value: torch.Tensor,
     placeholder_values: dict[fx.Node, Any] | None = None,
     env: dict[fx.Node, Any] | None = None,
+    perturb: Callable[[Any], Any] | None = None,
 ) -> dict[fx.Node, Any]:
     """Plain forward through the graph, keeping every node's value (the views).
 
     In-place ops get a copy of their first argument so that every kept value stays
     what its node produced. `placeholder_values` replaces the additional arguments;
-    values computed before an exception stay in `env` when the caller passes one.
+    values computed before an exception stay in `env` when the caller passes one;
+    `perturb` is applied to every computed node's value (to measure rounding).
     """
     env = {} if env is None else env
     extra = captured.placeholder_values if placeholder_values is None else placeholder_values
@@ -368,5 +370,6 @@ def evaluate(
         kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
         if mutates_first_argument(node, captured.root) and args:
             args = (clone_if_tensor(args[0]), *args[1:])
-        env[node] = run_node(captured.root, node, args, kwargs)
+        value = run_node(captured.root, node, args, kwargs)
+        env[node] = value if perturb is None else perturb(value)
     return env

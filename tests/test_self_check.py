@@ -1,0 +1,370 @@
+"""Never silently wrong: forward functions that break the engine's assumptions get
+Captum's numbers (with a FallbackWarning where the engine cannot run them), and
+every incremental call checks itself against the user's forward.
+
+Every expected value comes from captum.attr.Occlusion.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import Occlusion
+from torch import nn
+
+from captum_krypton import FallbackWarning, IncrementalNotApplicable, IncrementalOcclusion
+from captum_krypton.engine.self_check import check_window_ids
+from captum_krypton.graph import rules
+from tests import models
+
+
+def _run(model, inputs, **kwargs):
+    """IncrementalOcclusion's result, its FallbackWarnings and the instance."""
+    occlusion = IncrementalOcclusion(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = occlusion.attribute(inputs, **kwargs)
+    fallbacks = [str(w.message) for w in caught if issubclass(w.category, FallbackWarning)]
+    return result, fallbacks, occlusion
+
+
+class SharedMatrix(nn.Module):
+    """forward(x, adj) = (adj @ x).flatten(1): adj is one matrix for all examples."""
+
+    def forward(self, x, adj):
+        return (adj @ x).flatten(1)
+
+
+class ShiftedByBatchMin(nn.Module):
+    def forward(self, x):
+        return (x - x.min()).sum(dim=(1, 2)).unsqueeze(1)
+
+
+class StandardizedOverBatch(nn.Module):
+    def forward(self, x):
+        score = x.sum(dim=(1, 2)).unsqueeze(1)
+        return (score - score.mean()) / score.std()
+
+
+class CentredOverBatch(nn.Module):
+    """Subtracts the batch mean per feature: keeps every shape, mixes every row."""
+
+    def forward(self, x):
+        return (x - x.mean(0, keepdim=True)).flatten(1)
+
+
+class SoftmaxOverBatch(nn.Module):
+    """Shapes say nothing here: only the numbers of a batch show the mixing."""
+
+    def forward(self, x):
+        return torch.softmax(x.flatten(1), dim=0)
+
+
+class OneExample(nn.Module):
+    def __init__(self, features: int = 4):
+        super().__init__()
+        self.fc = nn.Linear(features, 1)
+
+    def forward(self, x):
+        return self.fc(x.view(1, -1))
+
+
+class FirstExampleOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)[0:1].flatten(1)
+
+
+class MaskedCNN(models.SmallCNN):
+    """Takes an additional tensor multiplied into the input: per example when it has
+    one row per example, else broadcast to every example."""
+
+    def forward(self, x, mask):
+        return super().forward(x * mask)
+
+
+def test_shared_matrix_one_example_equals_captum_and_runs_incrementally():
+    x = torch.tensor([[[1.0], [2.0]]])
+    adj = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    expected = Occlusion(SharedMatrix()).attribute(
+        x, (1, 1), target=1, additional_forward_args=(adj,)
+    )
+    actual, fallbacks, occlusion = _run(
+        SharedMatrix(), x, sliding_window_shapes=(1, 1), target=1, additional_forward_args=(adj,)
+    )
+    assert fallbacks == [] and occlusion.last_run.engine == "incremental"
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_shared_matrix_of_another_size_than_the_batch_equals_captum():
+    x = torch.randn(2, 3, 1)
+    adj = torch.randn(3, 3)
+    expected = Occlusion(SharedMatrix()).attribute(
+        x, (1, 1), target=2, additional_forward_args=(adj,)
+    )
+    actual, fallbacks, _ = _run(
+        SharedMatrix(), x, sliding_window_shapes=(1, 1), target=2, additional_forward_args=(adj,)
+    )
+    assert fallbacks == []
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_shared_matrix_as_large_as_the_batch_is_caught_and_gives_captums_numbers():
+    """A (2, 2) matrix with 2 examples looks per example: the batch check sees it isn't."""
+    x = torch.randn(2, 2, 1)
+    adj = torch.randn(2, 2)
+    expected = Occlusion(SharedMatrix()).attribute(
+        x, (1, 1), target=1, additional_forward_args=(adj,)
+    )
+    actual, fallbacks, _ = _run(
+        SharedMatrix(), x, sliding_window_shapes=(1, 1), target=1, additional_forward_args=(adj,)
+    )
+    assert len(fallbacks) == 1
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ppe", [1, 4])
+def test_per_example_tensor_equals_captum_at_any_perturbations_per_eval(ppe):
+    model = MaskedCNN().eval()
+    inputs = torch.randn(3, 3, 12, 12)
+    mask = torch.rand(3, 3, 12, 12)
+    kwargs = dict(strides=4, target=[0, 1, 2], additional_forward_args=(mask,))
+    expected = Occlusion(model).attribute(inputs, (3, 4, 4), perturbations_per_eval=ppe, **kwargs)
+    actual, fallbacks, _ = _run(
+        model, inputs, sliding_window_shapes=(3, 4, 4), perturbations_per_eval=ppe, **kwargs
+    )
+    assert fallbacks == []
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_tensor_broadcast_to_every_example_equals_captum():
+    model = MaskedCNN().eval()
+    inputs = torch.randn(3, 3, 12, 12)
+    mask = torch.rand(1, 3, 12, 12)  # one mask for all three examples
+    kwargs = dict(strides=4, target=1, additional_forward_args=(mask,))
+    expected = Occlusion(model).attribute(inputs, (3, 4, 4), **kwargs)
+    actual, fallbacks, _ = _run(model, inputs, sliding_window_shapes=(3, 4, 4), **kwargs)
+    assert fallbacks == []
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_tensor_at_perturbations_per_eval_above_one_follows_captum():
+    """Captum repeats even a shared tensor per perturbation above 1: its path runs."""
+    x = torch.randn(1, 3, 1)
+    adj = torch.randn(3, 3)
+    kwargs = dict(target=0, additional_forward_args=(adj,), perturbations_per_eval=2)
+    expected = Occlusion(SharedMatrix()).attribute(x, (1, 1), **kwargs)
+    actual, fallbacks, _ = _run(SharedMatrix(), x, sliding_window_shapes=(1, 1), **kwargs)
+    assert len(fallbacks) == 1 and "perturbations_per_eval=2" in fallbacks[0]
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+BATCH_MIXING = [
+    # model, inputs, kwargs, what the warning names
+    (
+        ShiftedByBatchMin(),
+        torch.tensor([[[1.0, 2.0, 3.0]]]),
+        dict(sliding_window_shapes=(1, 1), baselines=10.0, target=0),
+        "reduces over the batch",
+    ),
+    (
+        StandardizedOverBatch(),
+        torch.randn(3, 2, 3),
+        dict(sliding_window_shapes=(1, 1), target=0),
+        "reduces over the batch",
+    ),
+    (
+        CentredOverBatch(),
+        torch.randn(2, 2, 5),
+        dict(sliding_window_shapes=(1, 2), target=3),
+        "reduces over the batch",
+    ),
+    (
+        OneExample(),
+        torch.randn(1, 1, 4),
+        dict(sliding_window_shapes=(1, 1), target=0),
+        "batch",
+    ),
+    (
+        FirstExampleOnly(),
+        torch.randn(1, 1, 6, 6),
+        dict(sliding_window_shapes=(1, 2, 2), strides=2, target=5),
+        "batch",
+    ),
+    (
+        SoftmaxOverBatch(),
+        torch.randn(1, 2, 4),
+        dict(sliding_window_shapes=(1, 2), target=3),
+        "batch of windows vs one at a time",
+    ),
+]
+
+
+@pytest.mark.parametrize("model,inputs,kwargs,named", BATCH_MIXING)
+def test_forward_that_mixes_or_fixes_the_batch_gets_captums_numbers(model, inputs, kwargs, named):
+    captum_kwargs = {k: v for k, v in kwargs.items() if k != "sliding_window_shapes"}
+    expected = Occlusion(model).attribute(inputs, kwargs["sliding_window_shapes"], **captum_kwargs)
+    actual, fallbacks, occlusion = _run(model, inputs, **kwargs)
+    assert len(fallbacks) == 1 and named in fallbacks[0]
+    assert occlusion.last_run.engine == "captum"
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    with pytest.raises(IncrementalNotApplicable):
+        IncrementalOcclusion(model).attribute(inputs, engine="incremental", **kwargs)
+
+
+def test_the_issue_values_of_a_batch_min_model():
+    """x = [1, 2, 3], baseline 10, window 1: Captum's numbers are [-6, -8, -7]."""
+    actual, fallbacks, _ = _run(
+        ShiftedByBatchMin(),
+        torch.tensor([[[1.0, 2.0, 3.0]]]),
+        sliding_window_shapes=(1, 1),
+        baselines=10.0,
+        target=0,
+    )
+    expected = Occlusion(ShiftedByBatchMin()).attribute(
+        torch.tensor([[[1.0, 2.0, 3.0]]]), (1, 1), baselines=10.0, target=0
+    )
+    assert fallbacks
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def _broken_pool(monkeypatch):
+    """A wrong rule: max pooling's boxes come out 1% of their range too high."""
+    original = rules.PoolRule.run_box
+
+    def wrong(self, run, info, spec):
+        box = original(self, run, info, spec)
+        return box + 0.01 * (box.max() - box.min())
+
+    monkeypatch.setattr(rules.PoolRule, "run_box", wrong)
+
+
+def test_a_broken_rule_is_caught_by_the_self_check(monkeypatch):
+    model = models.small_cnn()
+    inputs = torch.randn(2, 3, 32, 32)
+    kwargs = dict(sliding_window_shapes=(3, 4, 4), strides=4, target=[1, 3], full_threshold=1.0)
+    expected = Occlusion(model).attribute(inputs, (3, 4, 4), strides=4, target=[1, 3])
+    _broken_pool(monkeypatch)
+    unchecked, fallbacks, _ = _run(model, inputs, self_check=False, **kwargs)
+    assert fallbacks == []
+    assert not torch.allclose(unchecked, expected, atol=1e-4)  # the broken rule is wrong
+    actual, fallbacks, occlusion = _run(model, inputs, **kwargs)
+    assert len(fallbacks) == 1 and "self-check 'windows vs forward' failed" in fallbacks[0]
+    assert occlusion.last_run.engine == "captum"
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_a_broken_rule_is_caught_in_a_shard_of_devices(monkeypatch):
+    model = models.small_cnn()
+    inputs = torch.randn(1, 3, 32, 32)
+    expected = Occlusion(model).attribute(inputs, (3, 4, 4), strides=4, target=2)
+    _broken_pool(monkeypatch)
+    actual, fallbacks, _ = _run(
+        model,
+        inputs,
+        sliding_window_shapes=(3, 4, 4),
+        strides=4,
+        target=2,
+        full_threshold=1.0,
+        devices=["cpu", "cpu"],
+    )
+    assert len(fallbacks) == 1 and "windows vs forward" in fallbacks[0]
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_a_broken_rule_is_caught_under_approximation(monkeypatch):
+    """tau < 1 computes every window approximately: the checked ones run exactly."""
+    model = models.small_cnn()
+    inputs = torch.randn(1, 3, 32, 32)
+    expected = Occlusion(model).attribute(inputs, (3, 4, 4), strides=4, target=0)
+    _broken_pool(monkeypatch)
+    actual, fallbacks, _ = _run(
+        model,
+        inputs,
+        sliding_window_shapes=(3, 4, 4),
+        strides=4,
+        target=0,
+        tau=0.5,
+        full_threshold=1.0,
+    )
+    assert len(fallbacks) == 1 and "windows vs forward" in fallbacks[0]
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_passing_check_changes_no_bit_and_is_reported():
+    model = models.small_cnn()
+    inputs = torch.randn(2, 3, 16, 16)
+    kwargs = dict(sliding_window_shapes=(3, 4, 4), strides=2, target=[0, 4])
+    checked, fallbacks, occlusion = _run(model, inputs, **kwargs)
+    unchecked, _, unchecked_occlusion = _run(model, inputs, self_check=False, **kwargs)
+    assert fallbacks == []
+    assert torch.equal(checked, unchecked)
+    report = occlusion.last_run.self_check
+    assert report is not None and unchecked_occlusion.last_run.self_check is None
+    assert report.windows[:2] == (0, 48)  # the first and the last window
+    assert 0 <= report.max_error <= report.tolerance
+    assert not report.loose
+
+
+class Cancelling(nn.Module):
+    """Two nearly equal large outputs subtracted: float32 rounding is a few percent
+    of the result, and Captum's own results move that much with
+    perturbations_per_eval."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(8, 2)
+        with torch.no_grad():
+            self.head.weight[0] = self.head.weight[0].abs() * 1e3
+            self.head.weight[1] = self.head.weight[0] * (1 + 1e-5)
+            self.head.bias.fill_(0.0)
+
+    def forward(self, x):
+        y = self.head(self.features(x))
+        return y[:, :1] - y[:, 1:]
+
+
+def test_ill_conditioned_float32_model_does_not_fall_back():
+    """A fixed tolerance would call this model's rounding a mismatch; the measured
+    one does not, and the report says the check was loose."""
+    torch.manual_seed(0)
+    model = Cancelling().eval()
+    inputs = torch.randn(1, 3, 32, 32)
+    expected = Occlusion(model).attribute(inputs, (3, 4, 4), strides=4, target=0)
+    batched = Occlusion(model).attribute(
+        inputs, (3, 4, 4), strides=4, target=0, perturbations_per_eval=16
+    )
+    captum_spread = (expected - batched).abs().max().item()
+    assert captum_spread > 1e-3 * expected.abs().max().item()  # Captum disagrees with itself
+    actual, fallbacks, occlusion = _run(
+        model, inputs, sliding_window_shapes=(3, 4, 4), strides=4, target=0
+    )
+    assert fallbacks == [] and occlusion.last_run.engine == "incremental"
+    report = occlusion.last_run.self_check
+    assert report.loose and report.max_error <= report.tolerance
+    assert (actual - expected).abs().max().item() <= 2 * captum_spread + report.tolerance
+
+
+def test_check_windows_take_first_last_corners_and_centre():
+    counts = (1, 5, 7)
+    every = np.arange(35)
+    chosen = check_window_ids(counts, every, 6).tolist()
+    assert chosen[:2] == [0, 34]
+    assert 6 in chosen and 28 in chosen  # the other two corners
+    assert 17 in chosen  # the centre
+    region = np.array([8, 9, 15, 16])
+    assert set(check_window_ids(counts, region, 6).tolist()) <= set(region.tolist())
