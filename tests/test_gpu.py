@@ -218,3 +218,47 @@ def test_two_gpus_equal_one(exact_cuda_math, sharing, monkeypatch):
     else:
         assert not workers
         assert set(replays) == {torch.device("cuda", 0), torch.device("cuda", 1)}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "inception_v3"])
+def test_cuda_self_check_passes_with_tf32_on(name):
+    """With PyTorch's default TF32 convolutions the check's tolerance follows the
+    measured rounding: no false fallback, and the report is filled in."""
+    import warnings
+
+    from captum_krypton import FallbackWarning, IncrementalOcclusion
+
+    extra = {"init_weights": False, "aux_logits": False} if name == "inception_v3" else {}
+    model = getattr(torchvision.models, name)(weights=None, **extra).eval().cuda()
+    size = 96 if name == "inception_v3" else 64
+    inputs = torch.randn(2, 3, size, size, device="cuda")
+    occlusion = IncrementalOcclusion(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        occlusion.attribute(inputs, (3, 16, 16), strides=8, target=[1, 2])
+    report = occlusion.last_run.self_check
+    assert occlusion.last_run.engine == "incremental" and report is not None
+    assert len(report.windows) == 6 and report.max_error <= report.tolerance
+
+
+def test_cuda_broken_rule_is_caught(monkeypatch):
+    from captum.attr import Occlusion
+
+    from captum_krypton import FallbackWarning, IncrementalOcclusion
+    from captum_krypton.graph import rules
+
+    original = rules.PoolRule.run_box
+
+    def wrong(self, run, info, spec):
+        box = original(self, run, info, spec)
+        return box + 0.01 * (box.max() - box.min())
+
+    monkeypatch.setattr(rules.PoolRule, "run_box", wrong)
+    model = torchvision.models.resnet18(weights=None).eval().cuda()
+    inputs = torch.randn(1, 3, 64, 64, device="cuda")
+    with pytest.warns(FallbackWarning, match="windows vs forward"):
+        actual = IncrementalOcclusion(model).attribute(
+            inputs, (3, 8, 8), strides=8, target=3, full_threshold=1.0
+        )
+    expected = Occlusion(model).attribute(inputs, (3, 8, 8), strides=8, target=3)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)

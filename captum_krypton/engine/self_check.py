@@ -194,6 +194,19 @@ def _epsilon(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
 
 
+def _compute_epsilon(dtype: torch.dtype, device: torch.device) -> float:
+    """The relative rounding of float32 products on `device`: TF32's (10 mantissa
+    bits) where CUDA convolutions or matmuls may use it, as by default; else the
+    dtype's own."""
+    if dtype == torch.float32 and device.type == "cuda":
+        precision = torch.get_float32_matmul_precision()
+        if precision == "medium":
+            return 2.0**-7
+        if torch.backends.cudnn.allow_tf32 or precision == "high":
+            return 2.0**-10
+    return _epsilon(dtype)
+
+
 def _floor_ulps(dtype: torch.dtype) -> float:
     return FLOOR_ULPS if torch.finfo(dtype).bits > 16 else FLOOR_ULPS / 8
 
@@ -254,7 +267,7 @@ def rounding_noise(prepared: PreparedOcclusion, target: TargetType) -> float:
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             return value
         noise = torch.rand(value.shape, generator=generator, device=value.device) * 2 - 1
-        return value * (1 + _epsilon(value.dtype) * noise.to(value.dtype))
+        return value * (1 + _compute_epsilon(value.dtype, value.device) * noise.to(value.dtype))
 
     with torch.no_grad():
         env = evaluate(prepared.captured, prepared.inputs, perturb=rounded)
