@@ -247,13 +247,13 @@ def test_cuda_broken_rule_is_caught(monkeypatch):
     from captum_krypton import FallbackWarning, IncrementalOcclusion
     from captum_krypton.graph import rules
 
-    original = rules.PoolRule.run_box
+    original = rules.ConvRule.run_box
 
     def wrong(self, run, info, spec):
         box = original(self, run, info, spec)
         return box + 0.01 * (box.max() - box.min())
 
-    monkeypatch.setattr(rules.PoolRule, "run_box", wrong)
+    monkeypatch.setattr(rules.ConvRule, "run_box", wrong)
     model = torchvision.models.resnet18(weights=None).eval().cuda()
     inputs = torch.randn(1, 3, 64, 64, device="cuda")
     with pytest.warns(FallbackWarning, match="windows vs forward"):

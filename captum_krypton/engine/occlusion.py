@@ -58,7 +58,7 @@ _autotuning_saved = False
 
 
 @contextlib.contextmanager
-def _cudnn_autotuning(device: torch.device) -> Iterator[None]:
+def cudnn_autotuning(device: torch.device) -> Iterator[None]:
     """cuDNN's algorithm search for the window batches, whose shapes repeat from
     batch to batch (bounded power-of-two sizes); the caller's setting is restored
     when the last of concurrent runs (one per GPU) ends."""
@@ -301,7 +301,7 @@ class PreparedOcclusion:
         # All ids go to the device at once: a copy per batch from host memory would
         # wait for the previous batch, and the host could not run ahead.
         every_id = torch.from_numpy(np.ascontiguousarray(window_ids, dtype=np.int64)).to(device)
-        with _cudnn_autotuning(device):
+        with cudnn_autotuning(device):
             while position < len(window_ids):
                 count = min(windows_per_batch, len(window_ids) - position)
                 ids = every_id[position : position + count]

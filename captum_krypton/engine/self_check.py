@@ -34,7 +34,7 @@ import torch
 from captum._utils.common import _expand_target, _select_targets
 from captum._utils.typing import TargetType
 
-from captum_krypton.engine.occlusion import PreparedOcclusion
+from captum_krypton.engine.occlusion import PreparedOcclusion, cudnn_autotuning
 from captum_krypton.graph.batch_dims import find_batch_mixing
 from captum_krypton.graph.capture import (
     UnsupportedForIncremental,
@@ -150,18 +150,22 @@ def check_window_count(prepared: PreparedOcclusion, windows: int) -> int:
 
 def occluded_inputs(prepared: PreparedOcclusion, window_ids: np.ndarray) -> torch.Tensor:
     """The whole occluded inputs of the given windows, (windows x examples, ...)
-    window-major, by Captum's formula input * (1 - mask) + baseline * mask."""
+    window-major, by Captum's formula input * (1 - mask) + baseline * mask (the
+    0/1 mask in the input's dtype, as Captum casts it)."""
     inputs = prepared.inputs
-    lo, hi = prepared.grid.bounds(np.asarray(window_ids))
-    mask = torch.zeros((len(window_ids), 1, *inputs.shape[1:]), dtype=torch.long)
-    for row, (start, stop) in enumerate(zip(lo, hi)):
-        mask[(row, 0, *(slice(a, b) for a, b in zip(start, stop)))] = 1
-    mask = mask.to(inputs.device)
-    one = torch.ones(1, dtype=torch.long, device=inputs.device)
-    occluded = inputs.unsqueeze(0) * (one - mask).to(inputs.dtype) + prepared.baseline * mask.to(
-        inputs.dtype
-    )
-    return occluded.reshape(-1, *inputs.shape[1:])
+    device = inputs.device
+    lo, hi = (torch.from_numpy(b).to(device) for b in prepared.grid.bounds(np.asarray(window_ids)))
+    shape = inputs.shape[1:]
+    mask = torch.ones((), dtype=torch.bool, device=device)
+    for dim, size in enumerate(shape):
+        position = torch.arange(size, device=device)
+        position = position.view(1, *[size if d == dim else 1 for d in range(len(shape))])
+        low = lo[:, dim].view(-1, *[1] * len(shape))
+        high = hi[:, dim].view(-1, *[1] * len(shape))
+        mask = mask & (position >= low) & (position < high)
+    mask = mask.unsqueeze(1).to(inputs.dtype)  # (windows, 1, *shape)
+    occluded = inputs.unsqueeze(0) * (1 - mask) + prepared.baseline * mask
+    return occluded.reshape(-1, *shape)
 
 
 def _selected(output: torch.Tensor, target: TargetType, copies: int) -> torch.Tensor:
@@ -178,7 +182,7 @@ def _forward(
     copies = len(window_ids)
     extra = expand_additional_args(prepared.additional_args, examples, copies)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), cudnn_autotuning(prepared.inputs.device):
             output = prepared.forward(occluded_inputs(prepared, window_ids), *extra)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"it returned {type(output).__name__}")
@@ -211,18 +215,24 @@ def _floor_ulps(dtype: torch.dtype) -> float:
     return FLOOR_ULPS if torch.finfo(dtype).bits > 16 else FLOOR_ULPS / 8
 
 
-def _largest(*tensors: torch.Tensor) -> float:
-    values = [float(t.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) for t in tensors if t.numel()]
-    return max(values, default=0.0)
+def _largest(*tensors: torch.Tensor) -> torch.Tensor:
+    """Largest |value| of the tensors (NaN and inf left out), a float64 scalar."""
+    values = [t.detach().abs().nan_to_num(0.0, 0.0, 0.0).amax().double() for t in tensors]
+    return torch.stack(values).amax()
 
 
-def _difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest |a - b| (in float64), NaN where exactly one of them is NaN counting
-    as infinite; positions NaN in both count as equal."""
-    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+def _difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Largest |a - b| (float64 scalar), NaN where exactly one of them is NaN
+    counting as infinite; positions NaN in both count as equal."""
+    a64, b64 = a.detach().double(), b.detach().double()
     both = torch.isnan(a64) & torch.isnan(b64)
     gap = (a64 - b64).abs().masked_fill(both, 0.0).nan_to_num(float("inf"), float("inf"))
-    return float(gap.max()) if gap.numel() else 0.0
+    return gap.amax() if gap.numel() else torch.zeros((), dtype=torch.float64)
+
+
+def _floats(*scalars: torch.Tensor) -> list[float]:
+    """Scalars to Python floats with one wait for the device."""
+    return torch.stack([s.to(scalars[0].device) for s in scalars]).tolist()
 
 
 def check_batch_layout(prepared: PreparedOcclusion, window_ids: np.ndarray) -> torch.Tensor:
@@ -275,7 +285,7 @@ def rounding_noise(prepared: PreparedOcclusion, target: TargetType) -> float:
     if not isinstance(moved, torch.Tensor):
         return 0.0
     clean = _selected(prepared.output, target, 1)
-    return _difference(_selected(moved, target, 1), clean)
+    return float(_difference(_selected(moved, target, 1), clean))
 
 
 def measure_batch_behaviour(
@@ -294,8 +304,8 @@ def measure_batch_behaviour(
     )
     noise = rounding_noise(prepared, target)
     clean = _selected(prepared.eager_output, target, 1)
-    scale = max(_largest(alone, batched, clean), 1e-300)
-    spread = _difference(batched, alone)
+    scale, spread = _floats(_largest(alone, batched, clean), _difference(batched, alone))
+    scale = max(scale, 1e-300)
     dtype = batched.dtype
     allowed = max(_floor_ulps(dtype) * _epsilon(dtype) * scale, SPREAD_FACTOR * noise)
     if spread > allowed:
@@ -325,10 +335,9 @@ def check_windows(
     expected = clean - occluded
     actual = engine_diffs(window_ids).to(expected.device)
     dtype = expected.dtype
-    scale = _largest(clean, occluded)
+    scale, error = _floats(_largest(clean, occluded), _difference(actual.to(dtype), expected))
     spread = behaviour.rounding_spread
     tolerance = max(_floor_ulps(dtype) * _epsilon(dtype), SPREAD_FACTOR * spread) * scale
-    error = _difference(actual.to(dtype), expected)
     if error > tolerance:
         worst = int(window_ids[int(((actual.to(dtype) - expected).abs()).amax(dim=1).argmax())])
         raise SelfCheckFailed(
