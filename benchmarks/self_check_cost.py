@@ -103,7 +103,7 @@ def main() -> None:
     results = []
     print(
         "| model | windows | checked | call, check off | call, check on | overhead "
-        "| check's own time / call | first call off / on |"
+        "| first call off / on |"
     )
     print("|---|---|---|---|---|---|---|")
     for name in names:
