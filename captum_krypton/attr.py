@@ -41,7 +41,7 @@ from captum_krypton.engine.devices import (
 )
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.progressive import OcclusionProgress, OcclusionReport, ProgressiveRun
-from captum_krypton.engine.self_check import SelfCheckFailed, check_batches, verify_run
+from captum_krypton.engine.self_check import SelfCheckFailed, WindowCheck, check_batches
 from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.engine.workers import WorkerPool, WorkerUnavailable
 from captum_krypton.graph.capture import (
@@ -462,7 +462,7 @@ class IncrementalOcclusion(Occlusion):
             on_planned=set_bar_total,
             format_result=lambda result: _format_output(_is_tuple(inputs), (result,)),
             window_ids=None if region is None else _windows_inside(prepared.grid, region),
-            verify=None if behaviour is None else partial(verify_run, prepared, target, behaviour),
+            verify=None if behaviour is None else partial(WindowCheck, prepared, target, behaviour),
         )
         failure: Exception | None = None
         try:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from captum_krypton.engine.occlusion import PreparedOcclusion
-from captum_krypton.engine.self_check import BatchBehaviour, verify_run
+from captum_krypton.engine.self_check import BatchBehaviour, WindowCheck
 
 
 def to_device(value: Any, device: torch.device) -> Any:
@@ -79,6 +79,7 @@ def compute_shard(
         table = torch.empty(
             (ready.grid.num_windows, initial.shape[1]), dtype=initial.dtype, device=device
         )
+        check = None if behaviour is None else WindowCheck(ready, target, behaviour, ids)
         computed = 0
         for count in ready.fill_diffs(ids, target, windows_per_batch, initial, table):
             computed += count
@@ -86,12 +87,10 @@ def compute_shard(
                 on_batch(count)
             if should_stop is not None and should_stop():
                 break
-        if behaviour is not None:
-
-            def engine_diffs(window_ids: np.ndarray) -> torch.Tensor:
-                return table[torch.from_numpy(window_ids).to(device)]
-
-            verify_run(ready, target, behaviour, np.asarray(ids[:computed]), engine_diffs)
+        if check is not None:
+            done = np.zeros(ready.grid.num_windows, dtype=bool)
+            done[ids[:computed]] = True
+            check.finish(lambda window_ids: table[torch.from_numpy(window_ids).to(device)], done)
         rows = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(device)
         return table[rows].cpu(), computed
 

@@ -24,7 +24,7 @@ from captum_krypton.approx import drilldown as dd
 from captum_krypton.approx.calibrate import Calibration, calibrate
 from captum_krypton.approx.settings import Approximation
 from captum_krypton.engine.occlusion import PreparedOcclusion
-from captum_krypton.engine.self_check import SelfCheckReport
+from captum_krypton.engine.self_check import SelfCheckReport, WindowCheck
 
 Stage = Literal["exact", "approximate", "coarse", "refine"]
 
@@ -87,8 +87,7 @@ class ProgressiveRun:
         on_planned: Callable[[int], None] | None = None,
         format_result: Callable[[torch.Tensor], torch.Tensor | tuple] = lambda t: t,
         window_ids: np.ndarray | None = None,
-        verify: Callable[[np.ndarray, Callable[[np.ndarray], torch.Tensor]], SelfCheckReport | None]
-        | None = None,
+        verify: Callable[[np.ndarray], WindowCheck] | None = None,
     ):
         self._prepare = prepare
         self._target = target
@@ -101,7 +100,7 @@ class ProgressiveRun:
         self._on_planned = on_planned
         self._format = format_result
         self._window_ids = window_ids  # only these windows (None: every one)
-        # verify(exact window ids, their engine differences) -> the self-check
+        # verify(candidate window ids) -> the started self-check
         self._verify = verify
         self.report: OcclusionReport | None = None
         self.result: torch.Tensor | None = None
@@ -127,14 +126,18 @@ class ProgressiveRun:
         ids = np.arange(grid.num_windows) if self._window_ids is None else self._window_ids
         self._planned = len(ids)
         self._stage: Stage = "exact" if self.approximation.exact else "approximate"
+        if drilling:
+            self._lattice = dd.coarse_lattice(grid, self.approximation.drilldown_factor)
+            self._lattice_ids = dd.window_ids(grid.counts, self._lattice)
+        check = None
+        if self._verify is not None and first.plan.tau == 1.0:  # exact first pass
+            check = self._verify(self._lattice_ids if drilling else ids)
         calibration = None
         cancelled = False
         try:
             if not drilling:
                 yield from self._compute(first, ids, self._stage, True)
             else:
-                self._lattice = dd.coarse_lattice(grid, self.approximation.drilldown_factor)
-                self._lattice_ids = dd.window_ids(grid.counts, self._lattice)
                 self._set_planned(len(self._lattice_ids))
                 yield from self._compute(first, self._lattice_ids, "coarse", False)
                 if self._target_ssim is not None:
@@ -150,7 +153,7 @@ class ProgressiveRun:
                 )
         except _Cancelled:
             cancelled = True
-        self_check = self._self_check()
+        self_check = self._self_check(check)
         self.result = self._format(self._heatmap())
         done = int(self._computed.sum())
         elapsed = time.perf_counter() - self._start
@@ -209,18 +212,19 @@ class ProgressiveRun:
         finally:
             batches.close()
 
-    def _self_check(self) -> SelfCheckReport | None:
-        """The self-check on windows computed exactly; where every window ran
-        approximately (tau < 1), the checked ones are computed exactly first."""
+    def _self_check(self, check: WindowCheck | None) -> SelfCheckReport | None:
+        """Finish the self-check started before the run on its exact windows; where
+        the run computed none exactly (tau < 1 throughout), the checked windows
+        are computed exactly now."""
         if self._verify is None:
             return None
-        if self._exact.any():
+        if check is not None:
             diffs = self._diffs
 
             def engine_diffs(ids: np.ndarray) -> torch.Tensor:
                 return diffs[torch.from_numpy(ids).to(diffs.device)]
 
-            return self._verify(np.flatnonzero(self._exact), engine_diffs)
+            return check.finish(engine_diffs, self._exact)
 
         def exact_diffs(ids: np.ndarray) -> torch.Tensor:
             table = torch.empty_like(self._diffs)
@@ -230,7 +234,7 @@ class ProgressiveRun:
                 pass
             return table[torch.from_numpy(ids).to(table.device)]
 
-        return self._verify(np.flatnonzero(self._computed), exact_diffs)
+        return self._verify(np.flatnonzero(self._computed)).finish(exact_diffs)
 
     def _check_cancel(self) -> None:
         if self._cancel is not None and self._cancel.is_set():

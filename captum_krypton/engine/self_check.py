@@ -9,10 +9,9 @@ examples of a batch, expect one example, share an extra tensor. Three checks:
 2. Batch coupling (once per plan, with the self-check): the same two windows
    through the user's forward one at a time, exactly as Captum runs them at its
    default perturbations_per_eval=1, against their rows of the batch.
-3. Windows (every call, with the self-check): a few computed windows - the
-   first and the last, windows on other borders, the centre - recomputed
-   through the user's forward in one batch, their output differences compared
-   with the engine's.
+3. Windows (every call, with the self-check): a few windows - the first and
+   the last, windows on other borders, the centre - through the user's forward
+   in one batch, their output differences compared with the engine's.
 
 Tolerances come from the model's own rounding, measured: the output change when
 every value the traced model computes moves by a random fraction of its last
@@ -319,41 +318,71 @@ def measure_batch_behaviour(
     return BatchBehaviour(spread / scale, noise / scale)
 
 
-def check_windows(
-    prepared: PreparedOcclusion,
-    target: TargetType,
-    behaviour: BatchBehaviour,
-    window_ids: np.ndarray,
-    engine_diffs: Callable[[np.ndarray], torch.Tensor],
-) -> SelfCheckReport:
-    """Check 3: the given windows through the user's forward in one batch; their
-    output differences against the engine's (`engine_diffs(ids)`, (ids, outputs)).
-    Raises SelfCheckFailed beyond the measured tolerance."""
-    started = time.perf_counter()
-    clean = _selected(prepared.eager_output, target, 1)
-    occluded = _forward(prepared, window_ids, target, WINDOWS_CHECK)
-    expected = clean - occluded
-    actual = engine_diffs(window_ids).to(expected.device)
-    dtype = expected.dtype
-    scale, error = _floats(_largest(clean, occluded), _difference(actual.to(dtype), expected))
-    spread = behaviour.rounding_spread
-    tolerance = max(_floor_ulps(dtype) * _epsilon(dtype), SPREAD_FACTOR * spread) * scale
-    if error > tolerance:
-        worst = int(window_ids[int(((actual.to(dtype) - expected).abs()).amax(dim=1).argmax())])
-        raise SelfCheckFailed(
-            WINDOWS_CHECK,
-            f"window {worst}'s output difference is off by {error:.3g} (allowed {tolerance:.3g}, "
-            f"outputs up to {scale:.3g}) against the forward function run as Captum runs it",
+class WindowCheck:
+    """Check 3 in two halves. `start` (at construction): the checked windows -
+    up to `check_window_count` of `candidates`, chosen by `check_window_ids` -
+    through the user's forward in one batch, as Captum would run them. Asked for
+    before the engine runs, so that on a GPU the forward computes while the
+    engine's launches queue up. `finish`: their output differences against the
+    engine's, once it has them. Raises SelfCheckFailed (the forward failing, or
+    a difference beyond the measured tolerance)."""
+
+    def __init__(
+        self,
+        prepared: PreparedOcclusion,
+        target: TargetType,
+        behaviour: BatchBehaviour,
+        candidates: np.ndarray,
+    ):
+        started = time.perf_counter()
+        count = check_window_count(prepared, len(candidates))
+        self.window_ids = check_window_ids(prepared.grid.counts, candidates, count)
+        self._behaviour = behaviour
+        self._clean = _selected(prepared.eager_output, target, 1)
+        self._occluded = None
+        if len(self.window_ids):
+            self._occluded = _forward(prepared, self.window_ids, target, WINDOWS_CHECK)
+        self._seconds = time.perf_counter() - started
+
+    def finish(
+        self,
+        engine_diffs: Callable[[np.ndarray], torch.Tensor],
+        computed: np.ndarray | None = None,
+    ) -> SelfCheckReport | None:
+        """Compare with `engine_diffs(ids)` ((ids, outputs)) on the checked windows
+        that `computed` (a mask over all windows; None: all) marks as done exactly;
+        None when there are none."""
+        started = time.perf_counter()
+        keep = np.ones(len(self.window_ids), dtype=bool)
+        if computed is not None:
+            keep = computed[self.window_ids]
+        if self._occluded is None or not keep.any():
+            return None
+        ids = self.window_ids[keep]
+        occluded = self._occluded[torch.from_numpy(keep).to(self._occluded.device)]
+        expected = self._clean - occluded
+        dtype = expected.dtype
+        actual = engine_diffs(ids).to(expected.device, dtype)
+        scale, error = _floats(_largest(self._clean, occluded), _difference(actual, expected))
+        spread = self._behaviour.rounding_spread
+        tolerance = max(_floor_ulps(dtype) * _epsilon(dtype), SPREAD_FACTOR * spread) * scale
+        if error > tolerance:
+            worst = int(ids[int((actual - expected).abs().amax(dim=1).argmax())])
+            raise SelfCheckFailed(
+                WINDOWS_CHECK,
+                f"window {worst}'s output difference is off by {error:.3g} (allowed "
+                f"{tolerance:.3g}, outputs up to {scale:.3g}) against the forward function "
+                "run as Captum runs it",
+            )
+        return SelfCheckReport(
+            tuple(int(w) for w in ids),
+            error,
+            tolerance,
+            scale,
+            spread,
+            SPREAD_FACTOR * spread > LOOSE_SPREAD,
+            self._seconds + time.perf_counter() - started,
         )
-    return SelfCheckReport(
-        tuple(int(w) for w in window_ids),
-        error,
-        tolerance,
-        scale,
-        spread,
-        SPREAD_FACTOR * spread > LOOSE_SPREAD,
-        time.perf_counter() - started,
-    )
 
 
 def check_batches(
@@ -380,19 +409,3 @@ def check_batches(
         plan.batch_failure = exc
         raise
     return plan.batch_behaviour if self_check else None
-
-
-def verify_run(
-    prepared: PreparedOcclusion,
-    target: TargetType,
-    behaviour: BatchBehaviour,
-    candidates: np.ndarray,
-    engine_diffs: Callable[[np.ndarray], torch.Tensor],
-) -> SelfCheckReport | None:
-    """Check 3 on a call's computed windows `candidates` (exact ones); None when
-    no window was computed."""
-    if len(candidates) == 0:
-        return None
-    count = check_window_count(prepared, len(candidates))
-    ids = check_window_ids(prepared.grid.counts, candidates, count)
-    return check_windows(prepared, target, behaviour, ids, engine_diffs)
