@@ -41,7 +41,7 @@ from captum_krypton.engine.devices import (
 )
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.progressive import OcclusionProgress, OcclusionReport, ProgressiveRun
-from captum_krypton.engine.self_check import SelfCheckFailed, WindowCheck, check_batches
+from captum_krypton.engine.self_check import SelfCheckFailed, WindowCheck, prepare_checks
 from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.engine.workers import WorkerPool, WorkerUnavailable
 from captum_krypton.graph.capture import (
@@ -429,8 +429,8 @@ class IncrementalOcclusion(Occlusion):
                 perturbations_per_eval,
                 full_threshold,
                 1.0 if approximation.drilldown or target_ssim else approximation.tau,
+                self_check,
             )
-            behaviour = check_batches(prepared, target, self_check)
         except (UnsupportedForIncremental, SelfCheckFailed) as exc:
             yield self._fall_back(exc, engine, captum_args)
             return
@@ -462,7 +462,9 @@ class IncrementalOcclusion(Occlusion):
             on_planned=set_bar_total,
             format_result=lambda result: _format_output(_is_tuple(inputs), (result,)),
             window_ids=None if region is None else _windows_inside(prepared.grid, region),
-            verify=None if behaviour is None else partial(WindowCheck, prepared, target, behaviour),
+            verify=None
+            if prepared.batch_behaviour is None
+            else partial(WindowCheck, prepared, target, prepared.batch_behaviour),
         )
         failure: Exception | None = None
         try:
@@ -504,6 +506,7 @@ class IncrementalOcclusion(Occlusion):
                 1,
                 full_threshold,
                 tau,
+                self_check=False,
             ).plan
         except UnsupportedForIncremental as exc:
             raise IncrementalNotApplicable(str(exc)) from exc
@@ -565,10 +568,11 @@ class IncrementalOcclusion(Occlusion):
                     to_device(extra, device),
                     ppe,
                     full_threshold,
+                    self_check=self_check,
                 )
                 prepared.append(ready.choose_kernels(kernels, cuda_graphs))
                 targets.append(to_device(target, device))
-                behaviours.append(check_batches(ready, targets[-1], self_check))
+                behaviours.append(ready.batch_behaviour)
         except (UnsupportedForIncremental, SelfCheckFailed) as exc:
             return self._fall_back(exc, engine, captum_args).attribution
         total = prepared[0].grid.num_windows
@@ -819,7 +823,12 @@ class IncrementalOcclusion(Occlusion):
         perturbations_per_eval: int,
         full_threshold: float | None,
         tau: float = 1.0,
+        self_check: bool = True,
     ) -> PreparedOcclusion:
+        """The engine's state for one call, after the checks that come before any
+        window (engine/self_check.py): the trace and batch layout checks always,
+        the batch check with `self_check`. Raises UnsupportedForIncremental or
+        SelfCheckFailed."""
         formatted = _format_tensor_into_tuples(inputs)
         formatted_strides = _format_and_verify_strides(strides, formatted)
         windows = _format_and_verify_sliding_window_shapes(sliding_window_shapes, formatted)
@@ -846,7 +855,7 @@ class IncrementalOcclusion(Occlusion):
                 f"{shared[0]}; the engine keeps shared tensors as they are"
             )
         captured = capture_cached(self._captures, module, extra, formatted[0].shape[0])
-        return PreparedOcclusion.prepare(
+        prepared = PreparedOcclusion.prepare(
             captured,
             formatted[0],
             formatted_baselines[0],
@@ -857,3 +866,5 @@ class IncrementalOcclusion(Occlusion):
             forward=self.forward_func,
             additional_args=extra,
         )
+        prepare_checks(prepared, self_check)
+        return prepared

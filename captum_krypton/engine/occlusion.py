@@ -80,22 +80,6 @@ def cudnn_autotuning(device: torch.device) -> Iterator[None]:
                 torch.backends.cudnn.benchmark = _autotuning_saved
 
 
-def _check_trace_matches(traced: torch.Tensor, eager: Any) -> None:
-    """The trace must compute what the model's forward computes on this input. A
-    trace keeps the branch Python took while tracing (`isinstance(x, Tensor)` is
-    False for a traced value; a flag read in forward keeps its old value), so one
-    forward of the model itself is compared with the traced clean run."""
-    if not isinstance(eager, torch.Tensor) or eager.shape != traced.shape:
-        raise UnsupportedForIncremental("the model's forward and its trace disagree")
-    scale = float(eager.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if eager.numel() else 0.0
-    tolerance = 1e-4 * max(scale, 1e-30) if eager.is_floating_point() else 0.0
-    if not torch.allclose(traced, eager, rtol=1e-4, atol=tolerance, equal_nan=True):
-        raise UnsupportedForIncremental(
-            "the model's forward and its trace disagree on this input (Python control "
-            "flow or state that tracing cannot follow)"
-        )
-
-
 def _check_baseline(inputs: torch.Tensor, baseline: Any) -> None:
     """Outside its window the occluded input must equal the input, as in Captum's
     formula input * 1 + baseline * 0; a dtype change or non-finite baseline breaks that."""
@@ -131,11 +115,16 @@ class PreparedOcclusion:
     use_triton: bool = False
     use_cuda_graphs: bool = False
     full_threshold: float | None = None
-    #: The user's forward function, its additional arguments as given, and its
-    #: output on the clean input: what the self-check compares with.
+    #: The user's forward function and its additional arguments as given; its
+    #: output on the clean input and, where the self-check ran them in the same
+    #: batch, on windows `checked_windows` (engine/self_check.py fills these in).
     forward: Callable[..., Any] | None = None
     additional_args: tuple = ()
     eager_output: torch.Tensor | None = None
+    checked_windows: np.ndarray | None = None
+    checked_outputs: torch.Tensor | None = None
+    #: What the plan's batch check measured (None without the self-check).
+    batch_behaviour: Any = None
 
     @classmethod
     def prepare(
@@ -167,11 +156,6 @@ class PreparedOcclusion:
             raise UnsupportedForIncremental(
                 "the output does not have one row per example (aggregated output)"
             )
-        eager = None
-        if forward is not None:
-            with torch.no_grad():
-                eager = forward(inputs, *additional_args)
-            _check_trace_matches(output, eager)
         grid = WindowGrid(tuple(inputs.shape[1:]), tuple(window), tuple(strides))
         plan = _cached_plan(captured, env, inputs, grid, full_threshold, tau)
         return cls(
@@ -185,7 +169,6 @@ class PreparedOcclusion:
             full_threshold=full_threshold,
             forward=forward,
             additional_args=tuple(additional_args),
-            eager_output=eager,
         )
 
     def choose_kernels(self, kernels: str, cuda_graphs: bool | None) -> PreparedOcclusion:

@@ -74,12 +74,12 @@ class SelfCheckFailed(Exception):
 
 @dataclass(frozen=True)
 class BatchBehaviour:
-    """What the once-per-plan checks measured (kept with the plan)."""
+    """What the once-per-plan checks measured (kept with the plan), relative to
+    the largest |output| of the model (all outputs, whatever the target)."""
 
-    #: Largest difference between a window's outputs alone and in a batch, and the
-    #: output change when every computed value moves within its last place;
-    #: relative to the output scale.
+    #: Largest difference between a window's outputs alone and in a batch.
     batch_spread: float
+    #: Largest output change when every computed value moves within its last place.
     rounding_noise: float
 
     @property
@@ -173,24 +173,61 @@ def _selected(output: torch.Tensor, target: TargetType, copies: int) -> torch.Te
 
 
 def _forward(
-    prepared: PreparedOcclusion, window_ids: np.ndarray, target: TargetType, check: str
+    prepared: PreparedOcclusion, window_ids: np.ndarray, check: str, clean: bool = False
 ) -> torch.Tensor:
-    """Selected outputs of the user's forward on the given windows in one batch;
-    its failure fails `check`."""
+    """The user's forward on the given windows in one batch (after the clean
+    input, with `clean`), as Captum would run them; its failure fails `check`."""
     examples = prepared.inputs.shape[0]
-    copies = len(window_ids)
+    inputs = occluded_inputs(prepared, window_ids)
+    if clean:
+        inputs = torch.cat([prepared.inputs, inputs])
+    copies = inputs.shape[0] // examples
     extra = expand_additional_args(prepared.additional_args, examples, copies)
     try:
         with torch.no_grad(), cudnn_autotuning(prepared.inputs.device):
-            output = prepared.forward(occluded_inputs(prepared, window_ids), *extra)
+            output = prepared.forward(inputs, *extra)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"it returned {type(output).__name__}")
-        return _selected(output, target, copies)
+        if output.dim() == 0 or output.shape[0] != inputs.shape[0]:
+            raise ValueError(f"its output has shape {tuple(output.shape)}")
+        return output
     except Exception as exc:  # any failure of the user's forward fails the check
         raise SelfCheckFailed(
             check,
-            f"the forward function on {copies} window(s) raised {type(exc).__name__}: {exc}",
+            f"the forward function on {copies} input(s) raised {type(exc).__name__}: {exc}",
         ) from exc
+
+
+def check_trace_matches(traced: torch.Tensor, eager: Any) -> None:
+    """The trace must compute what the model's forward computes on this input. A
+    trace keeps the branch Python took while tracing (`isinstance(x, Tensor)` is
+    False for a traced value; a flag read in forward keeps its old value), so one
+    forward of the model itself is compared with the traced clean run."""
+    if not isinstance(eager, torch.Tensor) or eager.shape != traced.shape:
+        raise UnsupportedForIncremental("the model's forward and its trace disagree")
+    scale = float(eager.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if eager.numel() else 0.0
+    tolerance = 1e-4 * max(scale, 1e-30) if eager.is_floating_point() else 0.0
+    if not torch.allclose(traced, eager, rtol=1e-4, atol=tolerance, equal_nan=True):
+        raise UnsupportedForIncremental(
+            "the model's forward and its trace disagree on this input (Python control "
+            "flow or state that tracing cannot follow)"
+        )
+
+
+def run_clean_forward(prepared: PreparedOcclusion, window_ids: np.ndarray) -> None:
+    """The user's forward on the clean input - with the given windows in the same
+    batch, once the plan's batch checks have passed - kept on `prepared` for the
+    checks; then the trace check against the traced clean run."""
+    examples = prepared.inputs.shape[0]
+    if len(window_ids):
+        output = _forward(prepared, window_ids, WINDOWS_CHECK, clean=True)
+        prepared.checked_windows, prepared.checked_outputs = window_ids, output[examples:]
+        eager = output[:examples]
+    else:
+        with torch.no_grad():
+            eager = prepared.forward(prepared.inputs, *prepared.additional_args)
+    check_trace_matches(prepared.output, eager)
+    prepared.eager_output = eager
 
 
 def _epsilon(dtype: torch.dtype) -> float:
@@ -266,10 +303,10 @@ def check_batch_layout(prepared: PreparedOcclusion, window_ids: np.ndarray) -> t
     return output
 
 
-def rounding_noise(prepared: PreparedOcclusion, target: TargetType) -> float:
+def rounding_noise(prepared: PreparedOcclusion) -> float:
     """The model's own rounding, measured: the traced clean run again with every
     computed floating-point value moved by a random fraction of its last place
-    (as rounding moves it), and the largest change of the selected outputs."""
+    (as rounding moves it), and the largest change of any output."""
     generator = torch.Generator(device=prepared.inputs.device).manual_seed(0)
 
     def rounded(value: Any) -> Any:
@@ -281,31 +318,27 @@ def rounding_noise(prepared: PreparedOcclusion, target: TargetType) -> float:
     with torch.no_grad():
         env = evaluate(prepared.captured, prepared.inputs, perturb=rounded)
     moved = env[prepared.captured.output_node]
-    if not isinstance(moved, torch.Tensor):
+    if not isinstance(moved, torch.Tensor) or moved.shape != prepared.output.shape:
         return 0.0
-    clean = _selected(prepared.output, target, 1)
-    return float(_difference(_selected(moved, target, 1), clean))
+    return float(_difference(moved, prepared.output))
 
 
 def measure_batch_behaviour(
-    prepared: PreparedOcclusion,
-    window_ids: np.ndarray,
-    batch_output: torch.Tensor,
-    target: TargetType,
+    prepared: PreparedOcclusion, window_ids: np.ndarray, batch_output: torch.Tensor
 ) -> BatchBehaviour:
     """Check 2: each window through the user's forward alone, as Captum runs it,
     against its rows of the batch; and the model's rounding noise. Raises
     SelfCheckFailed when the batch differs beyond rounding."""
     copies = len(window_ids)
-    batched = _selected(batch_output, target, copies)
     alone = torch.cat(
-        [_forward(prepared, window_ids[i : i + 1], target, BATCH_CHECK) for i in range(copies)]
+        [_forward(prepared, window_ids[i : i + 1], BATCH_CHECK) for i in range(copies)]
     )
-    noise = rounding_noise(prepared, target)
-    clean = _selected(prepared.eager_output, target, 1)
-    scale, spread = _floats(_largest(alone, batched, clean), _difference(batched, alone))
+    noise = rounding_noise(prepared)
+    scale, spread = _floats(
+        _largest(alone, batch_output, prepared.eager_output), _difference(batch_output, alone)
+    )
     scale = max(scale, 1e-300)
-    dtype = batched.dtype
+    dtype = batch_output.dtype
     allowed = max(_floor_ulps(dtype) * _epsilon(dtype) * scale, SPREAD_FACTOR * noise)
     if spread > allowed:
         raise SelfCheckFailed(
@@ -336,12 +369,19 @@ class WindowCheck:
     ):
         started = time.perf_counter()
         count = check_window_count(prepared, len(candidates))
-        self.window_ids = check_window_ids(prepared.grid.counts, candidates, count)
+        ids = check_window_ids(prepared.grid.counts, candidates, count)
         self._behaviour = behaviour
         self._clean = _selected(prepared.eager_output, target, 1)
-        self._occluded = None
-        if len(self.window_ids):
-            self._occluded = _forward(prepared, self.window_ids, target, WINDOWS_CHECK)
+        self._output_scale = _largest(prepared.eager_output)
+        if (
+            prepared.checked_windows is not None
+            and np.isin(prepared.checked_windows, candidates).all()
+        ):  # run with the clean input already
+            ids, outputs = prepared.checked_windows, prepared.checked_outputs
+        else:
+            outputs = _forward(prepared, ids, WINDOWS_CHECK) if len(ids) else None
+        self.window_ids = ids
+        self._occluded = None if outputs is None else _selected(outputs, target, len(ids))
         self._seconds = time.perf_counter() - started
 
     def finish(
@@ -363,9 +403,13 @@ class WindowCheck:
         expected = self._clean - occluded
         dtype = expected.dtype
         actual = engine_diffs(ids).to(expected.device, dtype)
-        scale, error = _floats(_largest(self._clean, occluded), _difference(actual, expected))
+        scale, output_scale, error = _floats(
+            _largest(self._clean, occluded), self._output_scale, _difference(actual, expected)
+        )
         spread = self._behaviour.rounding_spread
-        tolerance = max(_floor_ulps(dtype) * _epsilon(dtype), SPREAD_FACTOR * spread) * scale
+        tolerance = max(
+            _floor_ulps(dtype) * _epsilon(dtype) * scale, SPREAD_FACTOR * spread * output_scale
+        )
         if error > tolerance:
             worst = int(ids[int((actual - expected).abs().amax(dim=1).argmax())])
             raise SelfCheckFailed(
@@ -385,27 +429,36 @@ class WindowCheck:
         )
 
 
-def check_batches(
-    prepared: PreparedOcclusion, target: TargetType, self_check: bool
-) -> BatchBehaviour | None:
-    """Checks 1 and 2 (2 only with `self_check`), once per plan: their outcome is
-    kept with the plan and replayed, a failure included. Returns what check 2
-    measured (None without the self-check)."""
+def prepare_checks(prepared: PreparedOcclusion, self_check: bool) -> None:
+    """The checks that come before any window: the forward on the clean input and
+    the trace check (every call); check 1 (once per plan) and, with
+    `self_check`, check 2 (once per plan; afterwards the default checked windows
+    join the clean input's forward). Outcomes are kept with the plan, a failure
+    included; `prepared.batch_behaviour` holds what check 2 measured.
+
+    Raises UnsupportedForIncremental (trace or batch layout) or SelfCheckFailed."""
     plan = prepared.plan
     if plan.batch_failure is not None:
         raise plan.batch_failure
-    if plan.batch_behaviour is not None or (plan.batch_layout_checked and not self_check):
-        return plan.batch_behaviour if self_check else None
     grid = prepared.grid
-    ids = check_window_ids(grid.counts, np.arange(grid.num_windows), MIN_CHECK_WINDOWS)
+    every = np.arange(grid.num_windows)
+    if self_check and plan.batch_behaviour is not None:
+        count = check_window_count(prepared, grid.num_windows)
+        run_clean_forward(prepared, check_window_ids(grid.counts, every, count))
+        prepared.batch_behaviour = plan.batch_behaviour
+        return
+    run_clean_forward(prepared, np.zeros(0, dtype=np.int64))
+    if plan.batch_layout_checked and not self_check:
+        return
+    ids = check_window_ids(grid.counts, every, MIN_CHECK_WINDOWS)
     if len(ids) < 2:  # one window: two copies of it still make a batch
         ids = np.repeat(ids, 2)
     try:
         output = check_batch_layout(prepared, ids)
         plan.batch_layout_checked = True
         if self_check:
-            plan.batch_behaviour = measure_batch_behaviour(prepared, ids, output, target)
+            plan.batch_behaviour = measure_batch_behaviour(prepared, ids, output)
     except (UnsupportedForIncremental, SelfCheckFailed) as exc:
         plan.batch_failure = exc
         raise
-    return plan.batch_behaviour if self_check else None
+    prepared.batch_behaviour = plan.batch_behaviour if self_check else None

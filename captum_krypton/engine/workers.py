@@ -282,7 +282,6 @@ def _run_job(
     sender: Connection, receiver: Connection, occlusion: Any, job: ShardJob, device: torch.device
 ) -> None:
     from captum_krypton.engine.devices import compute_shard
-    from captum_krypton.engine.self_check import check_batches
 
     _apply_math_settings(job.math_settings)
     ready = occlusion._prepare(
@@ -293,9 +292,9 @@ def _run_job(
         job.additional_forward_args,
         job.perturbations_per_eval,
         job.full_threshold,
+        self_check=job.self_check,
     )
     ready.choose_kernels(job.kernels, job.cuda_graphs)
-    behaviour = check_batches(ready, job.target, job.self_check)
     stop = False
 
     def on_batch(count: int) -> None:
@@ -308,7 +307,7 @@ def _run_job(
 
     batch = job.windows_per_batch or ready.windows_per_batch(job.max_memory)
     result = compute_shard(
-        ready, job.window_ids, job.target, batch, on_batch, lambda: stop, behaviour
+        ready, job.window_ids, job.target, batch, on_batch, lambda: stop, ready.batch_behaviour
     )
     sender.send(("done", _to_bytes(result)))
 
