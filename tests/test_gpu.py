@@ -241,7 +241,7 @@ def test_cuda_self_check_passes_with_tf32_on(name):
     assert len(report.windows) == 6 and report.max_error <= report.tolerance
 
 
-def test_cuda_broken_rule_is_caught(monkeypatch):
+def test_cuda_broken_rule_is_caught(monkeypatch, exact_cuda_math):
     from captum.attr import Occlusion
 
     from captum_krypton import FallbackWarning, IncrementalOcclusion
