@@ -198,15 +198,18 @@ def _forward(
         ) from exc
 
 
-def check_trace_matches(traced: torch.Tensor, eager: Any) -> None:
+def check_trace_matches(traced: torch.Tensor, eager: Any, spread: float = 0.0) -> None:
     """The trace must compute what the model's forward computes on this input. A
     trace keeps the branch Python took while tracing (`isinstance(x, Tensor)` is
     False for a traced value; a flag read in forward keeps its old value), so one
-    forward of the model itself is compared with the traced clean run."""
+    forward of the model itself is compared with the traced clean run, within
+    1e-4 of the output or `spread` (the model's measured rounding, relative),
+    whichever is larger: the forward may have run in a larger batch."""
     if not isinstance(eager, torch.Tensor) or eager.shape != traced.shape:
         raise UnsupportedForIncremental("the model's forward and its trace disagree")
     scale = float(eager.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if eager.numel() else 0.0
-    tolerance = 1e-4 * max(scale, 1e-30) if eager.is_floating_point() else 0.0
+    relative = max(1e-4, SPREAD_FACTOR * spread)
+    tolerance = relative * max(scale, 1e-30) if eager.is_floating_point() else 0.0
     if not torch.allclose(traced, eager, rtol=1e-4, atol=tolerance, equal_nan=True):
         raise UnsupportedForIncremental(
             "the model's forward and its trace disagree on this input (Python control "
@@ -214,19 +217,25 @@ def check_trace_matches(traced: torch.Tensor, eager: Any) -> None:
         )
 
 
-def run_clean_forward(prepared: PreparedOcclusion, window_ids: np.ndarray) -> None:
+def run_clean_forward(
+    prepared: PreparedOcclusion,
+    window_ids: np.ndarray,
+    behaviour: BatchBehaviour | None = None,
+) -> None:
     """The user's forward on the clean input - with the given windows in the same
-    batch, once the plan's batch checks have passed - kept on `prepared` for the
-    checks; then the trace check against the traced clean run."""
+    batch, once the plan's batch checks have passed (`behaviour`) - kept on
+    `prepared` for the checks; then the trace check against the traced clean run."""
     examples = prepared.inputs.shape[0]
-    if len(window_ids):
+    spread = 0.0
+    if len(window_ids) and behaviour is not None:
         output = _forward(prepared, window_ids, WINDOWS_CHECK, clean=True)
         prepared.checked_windows, prepared.checked_outputs = window_ids, output[examples:]
         eager = output[:examples]
+        spread = behaviour.rounding_spread
     else:
         with torch.no_grad():
             eager = prepared.forward(prepared.inputs, *prepared.additional_args)
-    check_trace_matches(prepared.output, eager)
+    check_trace_matches(prepared.output, eager, spread)
     prepared.eager_output = eager
 
 
@@ -444,7 +453,9 @@ def prepare_checks(prepared: PreparedOcclusion, self_check: bool) -> None:
     every = np.arange(grid.num_windows)
     if self_check and plan.batch_behaviour is not None:
         count = check_window_count(prepared, grid.num_windows)
-        run_clean_forward(prepared, check_window_ids(grid.counts, every, count))
+        run_clean_forward(
+            prepared, check_window_ids(grid.counts, every, count), plan.batch_behaviour
+        )
         prepared.batch_behaviour = plan.batch_behaviour
         return
     run_clean_forward(prepared, np.zeros(0, dtype=np.int64))
