@@ -82,8 +82,6 @@ def compute_shard(
         check = None if behaviour is None else WindowCheck(ready, target, behaviour, ids)
         computed = 0
         for count in ready.fill_diffs(ids, target, windows_per_batch, initial, table):
-            if check is not None and not computed:
-                check.start()  # once the first batch is queued: the two overlap on a GPU
             computed += count
             if on_batch is not None:
                 on_batch(count)

@@ -115,11 +115,14 @@ class PreparedOcclusion:
     use_triton: bool = False
     use_cuda_graphs: bool = False
     full_threshold: float | None = None
-    #: The user's forward function, its additional arguments as given, and its
-    #: output on the clean input (engine/self_check.py fills it in).
+    #: The user's forward function and its additional arguments as given; its
+    #: output on the clean input and, where the self-check ran them in the same
+    #: batch, on windows `checked_windows` (engine/self_check.py fills these in).
     forward: Callable[..., Any] | None = None
     additional_args: tuple = ()
     eager_output: torch.Tensor | None = None
+    checked_windows: np.ndarray | None = None
+    checked_outputs: torch.Tensor | None = None
     #: What the plan's batch check measured (None without the self-check).
     batch_behaviour: Any = None
 
@@ -360,19 +363,18 @@ def _cached_plan(
     return plan
 
 
-_side_streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
-_side_streams_lock = threading.Lock()
+_capture_streams: dict[torch.device, torch.cuda.Stream] = {}
+_capture_streams_lock = threading.Lock()
 
 
-def side_stream(device: torch.device, purpose: str) -> torch.cuda.Stream:
-    """One side stream per device and purpose (graph captures, the self-check's
-    forward), made on first use."""
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for graph captures, made on first use."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (torch.device("cuda", index), purpose)
-    with _side_streams_lock:
-        stream = _side_streams.get(key)
+    device = torch.device("cuda", index)
+    with _capture_streams_lock:
+        stream = _capture_streams.get(device)
         if stream is None:
-            stream = _side_streams[key] = torch.cuda.Stream(key[0])
+            stream = _capture_streams[device] = torch.cuda.Stream(device)
     return stream
 
 
@@ -400,7 +402,7 @@ class GraphedBatch:
         # without torch.cuda.graph's device-wide synchronize and empty_cache: with
         # devices=, other threads keep running batches on other GPUs meanwhile, and
         # emptying the allocator's cache under them costs every GPU its memory blocks.
-        stream = side_stream(device, "capture")
+        stream = _capture_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.no_grad(), torch.cuda.stream(stream):
             graph.capture_begin(capture_error_mode="thread_local")

@@ -120,7 +120,6 @@ class ProgressiveRun:
         )
         self._computed = np.zeros(grid.num_windows, dtype=bool)
         self._exact = np.zeros(grid.num_windows, dtype=bool)  # computed with tau = 1
-        self._unstarted_check: WindowCheck | None = None
         self._lattice: tuple[np.ndarray, ...] | None = None
         self._lattice_ids = np.zeros(0, dtype=np.int64)
         self._lattice_diffs: torch.Tensor | None = None
@@ -133,7 +132,6 @@ class ProgressiveRun:
         check = None
         if self._verify is not None and first.plan.tau == 1.0:  # exact first pass
             check = self._verify(self._lattice_ids if drilling else ids)
-        self._unstarted_check = check  # started once the first batch is queued
         calibration = None
         cancelled = False
         try:
@@ -202,9 +200,6 @@ class ProgressiveRun:
                 self._computed[ids[position : position + count]] = True
                 if prepared.plan.tau == 1.0:
                     self._exact[ids[position : position + count]] = True
-                if self._unstarted_check is not None:
-                    self._unstarted_check.start()
-                    self._unstarted_check = None
                 position += count
                 if self._on_batch is not None:
                     self._on_batch(count)

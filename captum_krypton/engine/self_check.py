@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +33,7 @@ import torch
 from captum._utils.common import _expand_target, _select_targets
 from captum._utils.typing import TargetType
 
-from captum_krypton.engine.occlusion import PreparedOcclusion, cudnn_autotuning, side_stream
+from captum_krypton.engine.occlusion import PreparedOcclusion, cudnn_autotuning
 from captum_krypton.graph.batch_dims import find_batch_mixing
 from captum_krypton.graph.capture import (
     UnsupportedForIncremental,
@@ -173,12 +172,16 @@ def _selected(output: torch.Tensor, target: TargetType, copies: int) -> torch.Te
     return _select_targets(output, _expand_target(target, copies)).reshape(copies, -1)
 
 
-def _forward(prepared: PreparedOcclusion, window_ids: np.ndarray, check: str) -> torch.Tensor:
-    """The user's forward on the given windows in one batch, as Captum would run
-    them; its failure fails `check`."""
+def _forward(
+    prepared: PreparedOcclusion, window_ids: np.ndarray, check: str, clean: bool = False
+) -> torch.Tensor:
+    """The user's forward on the given windows in one batch (after the clean
+    input, with `clean`), as Captum would run them; its failure fails `check`."""
     examples = prepared.inputs.shape[0]
     inputs = occluded_inputs(prepared, window_ids)
-    copies = len(window_ids)
+    if clean:
+        inputs = torch.cat([prepared.inputs, inputs])
+    copies = inputs.shape[0] // examples
     extra = expand_additional_args(prepared.additional_args, examples, copies)
     try:
         with torch.no_grad(), cudnn_autotuning(prepared.inputs.device):
@@ -195,15 +198,18 @@ def _forward(prepared: PreparedOcclusion, window_ids: np.ndarray, check: str) ->
         ) from exc
 
 
-def check_trace_matches(traced: torch.Tensor, eager: Any) -> None:
+def check_trace_matches(traced: torch.Tensor, eager: Any, spread: float = 0.0) -> None:
     """The trace must compute what the model's forward computes on this input. A
     trace keeps the branch Python took while tracing (`isinstance(x, Tensor)` is
     False for a traced value; a flag read in forward keeps its old value), so one
-    forward of the model itself is compared with the traced clean run."""
+    forward of the model itself is compared with the traced clean run, within
+    1e-4 of the output or `spread` (the model's measured rounding, relative),
+    whichever is larger: the forward may have run in a larger batch."""
     if not isinstance(eager, torch.Tensor) or eager.shape != traced.shape:
         raise UnsupportedForIncremental("the model's forward and its trace disagree")
     scale = float(eager.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if eager.numel() else 0.0
-    tolerance = 1e-4 * max(scale, 1e-30) if eager.is_floating_point() else 0.0
+    relative = max(1e-4, SPREAD_FACTOR * spread)
+    tolerance = relative * max(scale, 1e-30) if eager.is_floating_point() else 0.0
     if not torch.allclose(traced, eager, rtol=1e-4, atol=tolerance, equal_nan=True):
         raise UnsupportedForIncremental(
             "the model's forward and its trace disagree on this input (Python control "
@@ -211,12 +217,25 @@ def check_trace_matches(traced: torch.Tensor, eager: Any) -> None:
         )
 
 
-def run_clean_forward(prepared: PreparedOcclusion) -> None:
-    """The user's forward on the clean input, kept on `prepared` for the checks;
-    then the trace check against the traced clean run."""
-    with torch.no_grad():
-        eager = prepared.forward(prepared.inputs, *prepared.additional_args)
-    check_trace_matches(prepared.output, eager)
+def run_clean_forward(
+    prepared: PreparedOcclusion,
+    window_ids: np.ndarray,
+    behaviour: BatchBehaviour | None = None,
+) -> None:
+    """The user's forward on the clean input - with the given windows in the same
+    batch, once the plan's batch checks have passed (`behaviour`) - kept on
+    `prepared` for the checks; then the trace check against the traced clean run."""
+    examples = prepared.inputs.shape[0]
+    spread = 0.0
+    if len(window_ids) and behaviour is not None:
+        output = _forward(prepared, window_ids, WINDOWS_CHECK, clean=True)
+        prepared.checked_windows, prepared.checked_outputs = window_ids, output[examples:]
+        eager = output[:examples]
+        spread = behaviour.rounding_spread
+    else:
+        with torch.no_grad():
+            eager = prepared.forward(prepared.inputs, *prepared.additional_args)
+    check_trace_matches(prepared.output, eager, spread)
     prepared.eager_output = eager
 
 
@@ -342,13 +361,13 @@ def measure_batch_behaviour(
 
 
 class WindowCheck:
-    """Check 3 in two halves. Made before the engine runs: the checked windows,
-    up to `check_window_count` of `candidates` chosen by `check_window_ids`.
-    `start`: those windows through the user's forward in one batch, as Captum
-    would run them; on a GPU on a side stream, called once the engine's first
-    batch is queued, so that the two overlap. `finish`: their output differences
-    against the engine's. Raises SelfCheckFailed (the forward failing, or a
-    difference beyond the measured tolerance)."""
+    """Check 3 in two halves. `start` (at construction): the checked windows -
+    up to `check_window_count` of `candidates`, chosen by `check_window_ids` -
+    through the user's forward in one batch, as Captum would run them. Asked for
+    before the engine runs, so that on a GPU the forward computes while the
+    engine's launches queue up. `finish`: their output differences against the
+    engine's, once it has them. Raises SelfCheckFailed (the forward failing, or
+    a difference beyond the measured tolerance)."""
 
     def __init__(
         self,
@@ -357,24 +376,22 @@ class WindowCheck:
         behaviour: BatchBehaviour,
         candidates: np.ndarray,
     ):
-        count = check_window_count(prepared, len(candidates))
-        self.window_ids = check_window_ids(prepared.grid.counts, candidates, count)
-        self._prepared, self._target, self._behaviour = prepared, target, behaviour
-        self._outputs: torch.Tensor | None = None
-        self._stream: torch.cuda.Stream | None = None
-        self._seconds = 0.0
-
-    def start(self) -> None:
-        if self._outputs is not None or not len(self.window_ids):
-            return
         started = time.perf_counter()
-        device = self._prepared.inputs.device
-        if device.type == "cuda":
-            self._stream = side_stream(device, "self-check")
-            self._stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
-            self._outputs = _forward(self._prepared, self.window_ids, WINDOWS_CHECK)
-        self._seconds += time.perf_counter() - started
+        count = check_window_count(prepared, len(candidates))
+        ids = check_window_ids(prepared.grid.counts, candidates, count)
+        self._behaviour = behaviour
+        self._clean = _selected(prepared.eager_output, target, 1)
+        self._output_scale = _largest(prepared.eager_output)
+        if (
+            prepared.checked_windows is not None
+            and np.isin(prepared.checked_windows, candidates).all()
+        ):  # run with the clean input already
+            ids, outputs = prepared.checked_windows, prepared.checked_outputs
+        else:
+            outputs = _forward(prepared, ids, WINDOWS_CHECK) if len(ids) else None
+        self.window_ids = ids
+        self._occluded = None if outputs is None else _selected(outputs, target, len(ids))
+        self._seconds = time.perf_counter() - started
 
     def finish(
         self,
@@ -384,29 +401,19 @@ class WindowCheck:
         """Compare with `engine_diffs(ids)` ((ids, outputs)) on the checked windows
         that `computed` (a mask over all windows; None: all) marks as done exactly;
         None when there are none."""
+        started = time.perf_counter()
         keep = np.ones(len(self.window_ids), dtype=bool)
         if computed is not None:
             keep = computed[self.window_ids]
-        if not keep.any():
+        if self._occluded is None or not keep.any():
             return None
-        self.start()
-        started = time.perf_counter()
-        outputs = self._outputs
-        if self._stream is not None:  # the side stream's results, safe on this stream
-            current = torch.cuda.current_stream(outputs.device)
-            current.wait_stream(self._stream)
-            outputs.record_stream(current)
         ids = self.window_ids[keep]
-        occluded = _selected(outputs, self._target, len(self.window_ids))
-        occluded = occluded[torch.from_numpy(keep).to(occluded.device)]
-        clean = _selected(self._prepared.eager_output, self._target, 1)
-        expected = clean - occluded
+        occluded = self._occluded[torch.from_numpy(keep).to(self._occluded.device)]
+        expected = self._clean - occluded
         dtype = expected.dtype
         actual = engine_diffs(ids).to(expected.device, dtype)
         scale, output_scale, error = _floats(
-            _largest(clean, occluded),
-            _largest(self._prepared.eager_output),
-            _difference(actual, expected),
+            _largest(self._clean, occluded), self._output_scale, _difference(actual, expected)
         )
         spread = self._behaviour.rounding_spread
         tolerance = max(
@@ -434,19 +441,27 @@ class WindowCheck:
 def prepare_checks(prepared: PreparedOcclusion, self_check: bool) -> None:
     """The checks that come before any window: the forward on the clean input and
     the trace check (every call); check 1 (once per plan) and, with
-    `self_check`, check 2 (once per plan). Outcomes are kept with the plan, a
-    failure included; `prepared.batch_behaviour` holds what check 2 measured.
+    `self_check`, check 2 (once per plan; afterwards the default checked windows
+    join the clean input's forward). Outcomes are kept with the plan, a failure
+    included; `prepared.batch_behaviour` holds what check 2 measured.
 
     Raises UnsupportedForIncremental (trace or batch layout) or SelfCheckFailed."""
     plan = prepared.plan
     if plan.batch_failure is not None:
         raise plan.batch_failure
-    run_clean_forward(prepared)
-    if plan.batch_behaviour is not None or (plan.batch_layout_checked and not self_check):
-        prepared.batch_behaviour = plan.batch_behaviour if self_check else None
-        return
     grid = prepared.grid
-    ids = check_window_ids(grid.counts, np.arange(grid.num_windows), MIN_CHECK_WINDOWS)
+    every = np.arange(grid.num_windows)
+    if self_check and plan.batch_behaviour is not None:
+        count = check_window_count(prepared, grid.num_windows)
+        run_clean_forward(
+            prepared, check_window_ids(grid.counts, every, count), plan.batch_behaviour
+        )
+        prepared.batch_behaviour = plan.batch_behaviour
+        return
+    run_clean_forward(prepared, np.zeros(0, dtype=np.int64))
+    if plan.batch_layout_checked and not self_check:
+        return
+    ids = check_window_ids(grid.counts, every, MIN_CHECK_WINDOWS)
     if len(ids) < 2:  # one window: two copies of it still make a batch
         ids = np.repeat(ids, 2)
     try:
