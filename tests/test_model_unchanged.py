@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from captum_krypton import IncrementalOcclusion
+from captum_krypton import FallbackWarning, IncrementalOcclusion
 from tests import models
 
 
@@ -51,7 +51,14 @@ def test_model_unchanged_after_error_midway_and_instance_reusable():
     occlusion = IncrementalOcclusion(model)
     x = torch.randn(2, 3, 12, 12)
     with pytest.raises(RuntimeError, match="too large"):
-        occlusion.attribute(x, (3, 4, 4), strides=2, target=0, windows_per_batch=4)
+        occlusion.attribute(
+            x, (3, 4, 4), strides=2, target=0, windows_per_batch=4, self_check=False
+        )
+    _assert_same(model, snapshot)
+    # With the self-check, the engine's error means Captum's path, which runs the
+    # model one window at a time.
+    with pytest.warns(FallbackWarning, match="engine run"):
+        fallback = occlusion.attribute(x, (3, 4, 4), strides=2, target=0, windows_per_batch=4)
     _assert_same(model, snapshot)
     # Two windows x two examples = four rows is within the model's limit.
     from captum.attr import Occlusion
@@ -59,6 +66,7 @@ def test_model_unchanged_after_error_midway_and_instance_reusable():
     expected = Occlusion(model).attribute(x, (3, 4, 4), strides=2, target=0)
     actual = occlusion.attribute(x, (3, 4, 4), strides=2, target=0, windows_per_batch=2)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fallback, expected, rtol=0, atol=0)
     _assert_same(model, snapshot)
 
 
