@@ -310,8 +310,22 @@ class IncrementalOcclusion(Occlusion):
                 use threads. Exact occlusion only (no tau, drill-down, target SSIM
                 or region).
 
+            self_check: True (default): the call checks itself against the forward
+                function (engine/self_check.py, docs/compatibility.md). Once per
+                plan, two windows run one at a time, exactly as Captum runs them,
+                against the same windows in one batch; every call, a few windows
+                (the first, the last, other borders, the centre) run through the
+                forward in one batch with the clean input, and their output
+                differences are compared with the engine's within 16 times the
+                model's measured rounding. A mismatch, or an error of the engine,
+                gives a FallbackWarning naming the check and Captum's result;
+                `self.last_run.self_check` reports what was compared. False:
+                neither runs, and engine errors propagate. The check of the
+                batch layout (models that mix the examples of a batch, or fix its
+                size, run on Captum's path) always runs.
+
         `self.last_run` describes the call: engine, approximation settings, windows
-        computed, seconds, whether it was cancelled. Calls with more than
+        computed, seconds, whether it was cancelled, the self-check. Calls with more than
         EXAMPLES_PER_RUN (1024) examples run in chunks of that many examples.
         """
         captum_args = (
