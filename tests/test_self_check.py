@@ -368,3 +368,80 @@ def test_check_windows_take_first_last_corners_and_centre():
     assert 17 in chosen  # the centre
     region = np.array([8, 9, 15, 16])
     assert set(check_window_ids(counts, region, 6).tolist()) <= set(region.tolist())
+
+
+class ExtraArgumentsCNN(nn.Module):
+    """A small CNN taking three additional arguments, each of a kind set per
+    instance: a per-example mask, a broadcast bias, a shared matrix over the last
+    dim, a 0-dim tensor, a Python float or a Python flag."""
+
+    def __init__(self, kinds: tuple[str, str, str]):
+        super().__init__()
+        self.kinds = kinds
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def _apply(self, kind, x, value):
+        if kind == "per_example":
+            return x * value
+        if kind == "bias":
+            return x + value
+        if kind == "matrix":
+            return x @ value
+        if kind in ("scalar_tensor", "float"):
+            return x * value
+        return -x if value else x
+
+    def forward(self, x, a, b, c):
+        for kind, value in zip(self.kinds, (a, b, c)):
+            x = self._apply(kind, x, value)
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+KINDS = ("per_example", "bias", "matrix", "scalar_tensor", "float", "flag")
+
+
+def _argument(kind, examples, generator):
+    if kind == "per_example":
+        return torch.rand(examples, 2, 6, 6, generator=generator)
+    if kind == "bias":
+        return torch.randn(1, 2, 1, 1, generator=generator)
+    if kind == "matrix":
+        return torch.randn(6, 6, generator=generator)
+    if kind == "scalar_tensor":
+        return torch.tensor(1.5)
+    if kind == "float":
+        return 0.5
+    return True
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_fuzzed_additional_argument_forms_give_captums_numbers(seed):
+    """Random kinds, batch sizes and perturbations_per_eval: always Captum's numbers;
+    Captum's path only where the forms call for it."""
+    generator = torch.Generator().manual_seed(seed)
+    pick = torch.randint(len(KINDS), (3,), generator=generator).tolist()
+    kinds = tuple(KINDS[i] for i in pick)
+    examples = int(torch.randint(1, 4, (), generator=generator))
+    ppe = (1, 4)[seed % 2]
+    torch.manual_seed(seed)
+    model = ExtraArgumentsCNN(kinds).eval()
+    inputs = torch.randn(examples, 2, 6, 6, generator=generator)
+    extra = tuple(_argument(kind, examples, generator) for kind in kinds)
+    kwargs = dict(strides=2, target=1, additional_forward_args=extra, perturbations_per_eval=ppe)
+    try:
+        expected = Occlusion(model).attribute(inputs, (2, 2, 2), **kwargs)
+    except RuntimeError as error:  # Captum repeats shared tensors too: some forms fail
+        with pytest.raises(type(error)):
+            _run(model, inputs, sliding_window_shapes=(2, 2, 2), **kwargs)
+        assert ppe > 1
+        return
+    actual, fallbacks, _ = _run(model, inputs, sliding_window_shapes=(2, 2, 2), **kwargs)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    rows = {"bias": 1, "matrix": 6}  # first dims: a tensor with `examples` rows is per example
+    shared = [k for k in kinds if k in rows and rows[k] != examples]
+    looks_per_example = "matrix" in kinds and examples == 6
+    if fallbacks:
+        assert (ppe > 1 and shared) or looks_per_example, (kinds, examples, ppe, fallbacks)
+    else:
+        assert not (ppe > 1 and shared), (kinds, examples, ppe)
