@@ -63,6 +63,18 @@ class SoftmaxOverBatch(nn.Module):
         return torch.softmax(x.flatten(1), dim=0)
 
 
+class FirstOfSplit(nn.Module):
+    """Picks the first example through a tuple-valued op."""
+
+    def forward(self, x):
+        return torch.split(x, 1, dim=0)[0].flatten(1)
+
+
+class MaxOverBatch(nn.Module):
+    def forward(self, x):
+        return x.max(dim=0, keepdim=True).values.flatten(1)
+
+
 class OneExample(nn.Module):
     def __init__(self, features: int = 4):
         super().__init__()
@@ -196,6 +208,18 @@ BATCH_MIXING = [
         torch.randn(1, 1, 6, 6),
         dict(sliding_window_shapes=(1, 2, 2), strides=2, target=5),
         "batch",
+    ),
+    (
+        FirstOfSplit(),
+        torch.randn(1, 2, 4),
+        dict(sliding_window_shapes=(1, 2), target=5),
+        "batch",
+    ),
+    (
+        MaxOverBatch(),
+        torch.randn(1, 2, 4),
+        dict(sliding_window_shapes=(1, 2), target=2),
+        "reduces over the batch",
     ),
     (
         SoftmaxOverBatch(),

@@ -31,6 +31,13 @@ def _describe(node: fx.Node) -> str:
     return f"'{node.name}' ({name})"
 
 
+def _holds_tensor(value: Any) -> bool:
+    """A tensor, or a tuple or list of values one of which holds one (split, max)."""
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v) for v in value)
+    return isinstance(value, torch.Tensor)
+
+
 def batch_dimension(
     clean: torch.Size, batched: torch.Size, examples: int, copies: int
 ) -> int | None:
@@ -57,11 +64,18 @@ def find_batch_mixing(
     """The first node, in graph order, whose values are not one row per example
     in both runs, described for a warning; None when every node keeps its rows.
 
-    `batch_env` may stop early (the batched run raised): nodes not in it are not
-    judged."""
+    Judged are the nodes that read rows: those computed from a tensor that holds
+    rows (the input, per-example tensors, and what follows from them). A tensor
+    made from the input's size, dtype or device alone (`torch.full(...,
+    device=x.device)`) holds no rows. `batch_env` may stop early (the batched run
+    raised): nodes not in it are not judged."""
+    rows = {n for n in captured.batch_aligned if n.op == "placeholder"}
     for node in captured.nodes:
-        if node not in captured.batch_aligned or node.op in ("placeholder", "output"):
+        if node.op in ("placeholder", "output"):
             continue
+        if not any(a in rows and _holds_tensor(clean_env.get(a)) for a in node.all_input_nodes):
+            continue
+        rows.add(node)
         clean, batched = clean_env.get(node), batch_env.get(node)
         if not isinstance(clean, torch.Tensor) or not isinstance(batched, torch.Tensor):
             continue
