@@ -95,8 +95,8 @@ class SelfCheckReport:
     max_error: largest |engine - forward| over their output differences.
     tolerance: what max_error was allowed, in output units.
     output_scale: largest |output| among the compared outputs.
-    rounding_spread: the model's own rounding spread, measured, relative to the
-        output scale.
+    rounding_spread: the model's own rounding spread, measured, relative to its
+        largest |output| over all outputs.
     loose: the spread is above LOOSE_SPREAD of the output: the check cannot see
         errors below `tolerance`.
     seconds: time the check took.
@@ -120,12 +120,12 @@ def check_window_ids(
     candidates = np.asarray(candidates, dtype=np.int64)
     if len(candidates) == 0:
         return candidates
-    spatial = [n for n in grid_counts]
+    counts = list(grid_counts)
     corners = []
-    for corner in range(2 ** len(spatial)):
-        index = [(n - 1) if corner >> d & 1 else 0 for d, n in enumerate(spatial)]
-        corners.append(int(np.ravel_multi_index(index, spatial)))
-    centre = int(np.ravel_multi_index([n // 2 for n in spatial], spatial))
+    for corner in range(2 ** len(counts)):
+        index = [(n - 1) if corner >> d & 1 else 0 for d, n in enumerate(counts)]
+        corners.append(int(np.ravel_multi_index(index, counts)))
+    centre = int(np.ravel_multi_index([n // 2 for n in counts], counts))
     spread = candidates[np.linspace(0, len(candidates) - 1, num=count).round().astype(int)]
     allowed = set(candidates.tolist())
     preferred = [int(candidates[0]), int(candidates[-1]), *corners, centre, *spread.tolist()]
