@@ -53,7 +53,7 @@ LOOSE_SPREAD = 1e-3
 #: about one launch-bound forward whatever its size).
 MAX_CHECK_WINDOWS = 6
 MIN_CHECK_WINDOWS = 2
-CPU_CHECK_SHARE = 0.02
+CPU_CHECK_SHARE = 0.01
 
 
 #: The checks' names, as warnings give them.
