@@ -9,12 +9,10 @@ assumes one batch size (`x.view(1, -1)`).
 
 Such nodes are found by comparing each node's shape in the clean run (N rows)
 with its shape in a run of several windows (copies x N rows): exactly one
-dimension must grow, `copies` times (from N, or from k x N where the batch is
-merged with other dims, as window attention merges it with the windows), and
-the output's first dimension from N to copies x N. A node whose shapes say
-nothing (same shape, batch dim kept) but that mixes rows anyway, e.g. a softmax
-over dim 0 or a merge that interleaves the examples, is left to the numerical
-check of a batch against windows run one at a time (engine/self_check.py).
+dimension must grow, from N to copies x N. A node whose shapes say nothing
+(same shape, batch dim kept) but that mixes rows anyway, e.g. a softmax over
+dim 0, is left to the numerical check of a batch against windows run one at a
+time (engine/self_check.py).
 """
 
 from __future__ import annotations
@@ -41,21 +39,17 @@ def _holds_tensor(value: Any) -> bool:
 
 
 def batch_dimension(
-    clean: torch.Size, batched: torch.Size, copies: int, examples: int | None = None
+    clean: torch.Size, batched: torch.Size, examples: int, copies: int
 ) -> int | None:
-    """The dim of a value that holds the rows: the one dim that grows `copies`
-    times between the two runs (from `examples` to `copies * examples` where
-    `examples` is given; else from any size k*N, the batch merged with other
-    dims, as window attention does); None if there is none."""
+    """The dim of a value that holds the rows: the one dim that grows from
+    `examples` to `copies * examples` between the two runs; None if there is none."""
     if len(clean) != len(batched):
         return None
     grown = [d for d, (a, b) in enumerate(zip(clean, batched)) if a != b]
     if len(grown) != 1:
         return None
     dim = grown[0]
-    if batched[dim] != copies * clean[dim]:
-        return None
-    if examples is not None and clean[dim] != examples:
+    if clean[dim] != examples or batched[dim] != copies * examples:
         return None
     return dim
 
@@ -77,9 +71,7 @@ def find_batch_mixing(
     raised): nodes not in it are not judged."""
     rows = {n for n in captured.batch_aligned if n.op == "placeholder"}
     for node in captured.nodes:
-        if node.op == "output":
-            return _check_output(node, clean_env, batch_env, examples, copies)
-        if node.op == "placeholder":
+        if node.op in ("placeholder", "output"):
             continue
         if not any(a in rows and _holds_tensor(clean_env.get(a)) for a in node.all_input_nodes):
             continue
@@ -87,42 +79,14 @@ def find_batch_mixing(
         clean, batched = clean_env.get(node), batch_env.get(node)
         if not isinstance(clean, torch.Tensor) or not isinstance(batched, torch.Tensor):
             continue
-        if batch_dimension(clean.shape, batched.shape, copies) is None:
+        if batch_dimension(clean.shape, batched.shape, examples, copies) is None:
             if clean.dim() == 0 or clean.shape == batched.shape:
                 how = "reduces over the batch dimension"
             else:
-                how = "mixes the batch dimension with others or assumes one batch size"
-            return _reason(node, how, clean, batched, examples, copies)
-    return None
-
-
-def _reason(
-    node: fx.Node,
-    how: str,
-    clean: torch.Tensor,
-    batched: torch.Tensor,
-    examples: int,
-    copies: int,
-) -> str:
-    return (
-        f"{_describe(node)} {how} (shape {tuple(clean.shape)} for {examples} "
-        f"example(s), {tuple(batched.shape)} for {copies * examples} rows): the model "
-        "mixes the examples of a batch"
-    )
-
-
-def _check_output(
-    node: fx.Node,
-    clean_env: dict[fx.Node, Any],
-    batch_env: dict[fx.Node, Any],
-    examples: int,
-    copies: int,
-) -> str | None:
-    """The output must hold the rows in dim 0, one per (window, example)."""
-    clean, batched = clean_env.get(node), batch_env.get(node)
-    if not isinstance(clean, torch.Tensor) or not isinstance(batched, torch.Tensor):
-        return None
-    if batch_dimension(clean.shape, batched.shape, copies, examples) != 0:
-        how = "does not keep one row per example and window"
-        return _reason(node, how, clean, batched, examples, copies)
+                how = "merges the batch dimension with another one or assumes one batch size"
+            return (
+                f"{_describe(node)} {how} (shape {tuple(clean.shape)} for {examples} "
+                f"example(s), {tuple(batched.shape)} for {copies * examples} rows): the model "
+                "mixes the examples of a batch"
+            )
     return None
