@@ -106,3 +106,34 @@ def test_float64_model_matches_tightly():
     model = _torchvision_model("resnet18").double()
     inputs = torch.randn(1, 3, 48, 48, dtype=torch.float64)
     check_model(model, inputs, sliding_window_shapes=(3, 8, 8), strides=4, target=5)
+
+
+class StandardizedConv2d(nn.Conv2d):
+    """Weight standardization as timm's StdConv2d spells it (NFNets, BiT):
+    F.batch_norm in training mode on the weight, with no running statistics."""
+
+    def forward(self, x):
+        weight = nn.functional.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1),
+            None,
+            None,
+            training=True,
+            momentum=0.0,
+            eps=1e-6,
+        ).reshape_as(self.weight)
+        return nn.functional.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
+def test_weight_standardization_runs_incrementally_and_matches_captum():
+    model = nn.Sequential(
+        StandardizedConv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        StandardizedConv2d(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).eval()
+    inputs = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    model = model.double()
+    check_model(model, inputs, sliding_window_shapes=(3, 4, 4), strides=4, target=[0, 5])
+    plan = IncrementalOcclusion(model).plan(inputs, (3, 4, 4), strides=4, full_threshold=1.0)
+    assert any(row["mode"] == "box" and row["op"] == "conv2d" for row in plan.table())

@@ -239,7 +239,9 @@ def check_ops(captured: CapturedGraph) -> None:
     for node in captured.nodes:
         if node.op.startswith("call_"):
             module = captured.module(node) if node.op == "call_module" else None
-            info = NodeInfo(node, module, node.args, node.kwargs, None)
+            info = NodeInfo(
+                node, module, node.args, node.kwargs, None, node in captured.depends_on_input
+            )
             rule_for(node, module).check(info)
 
 

@@ -70,6 +70,8 @@ class NodeInfo:
     args: tuple  # argument values of the clean run
     kwargs: dict
     value: Any  # the node's value in the clean run
+    #: Whether the node sees the occluded input (else it is the same in every row).
+    depends_on_input: bool = True
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:

@@ -470,13 +470,24 @@ class TrainingSensitiveRule(PointwiseRule):
                 )
             return
         training = info.kwargs.get("training")
+        name = getattr(info.node.target, "__name__", "")
         if training is None:
             names = {"batch_norm": 5, "dropout": 2, "stochastic_depth": 3}
-            position = names.get(getattr(info.node.target, "__name__", ""))
+            position = names.get(name)
             if position is not None and len(info.args) > position:
                 training = info.args[position]
-        if training:
+        if training and not (name == "batch_norm" and _standardizes_a_constant(info)):
             raise UnsupportedForIncremental(f"'{info.node.name}' runs in training mode")
+
+
+def _standardizes_a_constant(info: NodeInfo) -> bool:
+    """F.batch_norm in training mode on a value that does not see the input and
+    with no running statistics to update: weight standardization (timm's
+    StdConv2d, NFNets, BiT). It computes the same in every forward, as the engine
+    computes it once."""
+    running = [info.kwargs.get(k) for k in ("running_mean", "running_var")]
+    running = [*info.args[1:3], *running]
+    return not info.depends_on_input and all(r is None for r in running)
 
 
 class FusedRule(OpRule):
