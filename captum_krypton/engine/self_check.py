@@ -361,13 +361,13 @@ def measure_batch_behaviour(
 
 
 class WindowCheck:
-    """Check 3 in two halves. `start` (at construction): the checked windows -
+    """Check 3 in two halves. Made before the engine runs: the checked windows -
     up to `check_window_count` of `candidates`, chosen by `check_window_ids` -
-    through the user's forward in one batch, as Captum would run them. Asked for
-    before the engine runs, so that on a GPU the forward computes while the
-    engine's launches queue up. `finish`: their output differences against the
-    engine's, once it has them. Raises SelfCheckFailed (the forward failing, or
-    a difference beyond the measured tolerance)."""
+    through the user's forward in one batch, as Captum would run them (taken
+    from the clean input's forward where they ran with it, see prepare_checks).
+    `finish`: their output differences against the engine's, once it has them.
+    Raises SelfCheckFailed (the forward failing, or a difference beyond the
+    measured tolerance)."""
 
     def __init__(
         self,
