@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 import threading
 import time
 import warnings
@@ -11,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, Literal
 
+import captum
 import numpy as np
 import torch
 from captum._utils.common import (
@@ -184,6 +187,25 @@ def _captum_window_count(inputs: Any, sliding_window_shapes: Any, strides: Any) 
         WindowGrid(tuple(inp.shape[1:]), window, stride).num_windows
         for inp, window, stride in zip(formatted, windows, per_dim)
     )
+
+
+#: Frames in these packages are not the caller's: a warning points past them.
+_OWN_PACKAGES = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(captum.__file__)) + os.sep,
+)
+
+
+def _caller_stacklevel() -> int:
+    """The `stacklevel` for warnings.warn, called from this module, that points at
+    the first frame outside this package and Captum (the user's call), however
+    deep the call came (attribute, attribute_stream, NoiseTunnel, the widget)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_OWN_PACKAGES):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def _as_check_failure(error: Exception) -> SelfCheckFailed:
@@ -815,7 +837,7 @@ class IncrementalOcclusion(Occlusion):
     def _warn_once(self, message: str, category: type[Warning]) -> None:
         if message not in self._warned:
             self._warned.add(message)
-            warnings.warn(message, category, stacklevel=4)
+            warnings.warn(message, category, stacklevel=_caller_stacklevel())
 
     def _warn_fallback(self, reason: str) -> None:
         logger.info("IncrementalOcclusion falls back to Captum's Occlusion: %s", reason)
@@ -824,7 +846,7 @@ class IncrementalOcclusion(Occlusion):
             warnings.warn(
                 f"IncrementalOcclusion runs Captum's Occlusion instead: {reason}",
                 FallbackWarning,
-                stacklevel=4,
+                stacklevel=_caller_stacklevel(),
             )
 
     def _prepare(

@@ -469,3 +469,16 @@ def test_fuzzed_additional_argument_forms_give_captums_numbers(seed):
         assert (ppe > 1 and shared) or looks_per_example, (kinds, examples, ppe, fallbacks)
     else:
         assert not (ppe > 1 and shared), (kinds, examples, ppe)
+
+
+def test_fallback_warning_points_at_the_callers_line():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        IncrementalOcclusion(ShiftedByBatchMin()).attribute(torch.randn(1, 1, 3), (1, 1), target=0)
+        for _ in IncrementalOcclusion(ShiftedByBatchMin()).attribute_stream(
+            torch.randn(1, 1, 3), (1, 1), target=0
+        ):
+            pass
+    fallbacks = [w for w in caught if issubclass(w.category, FallbackWarning)]
+    assert len(fallbacks) == 2
+    assert all(w.filename == __file__ for w in fallbacks), [w.filename for w in fallbacks]
