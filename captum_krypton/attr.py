@@ -107,7 +107,7 @@ def _rows_of(value: Any, rows: slice, examples: int) -> Any:
     """The examples `rows` of a per-example value (a tensor or list whose first
     dim is `examples`, or a tuple of such); anything else is shared."""
     if isinstance(value, torch.Tensor):
-        return value[rows] if value.dim() > 0 and value.shape[0] == examples else value
+        return value[rows] if is_per_example(value, examples) else value
     if isinstance(value, tuple):
         return tuple(_rows_of(v, rows, examples) for v in value)
     if isinstance(value, list) and len(value) == examples:
