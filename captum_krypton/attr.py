@@ -47,14 +47,14 @@ from captum_krypton.engine.progressive import OcclusionProgress, OcclusionReport
 from captum_krypton.engine.self_check import SelfCheckFailed, WindowCheck, prepare_checks
 from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.engine.workers import WorkerPool, WorkerUnavailable
-from captum_krypton.graph.capture import (
+from captum_krypton.capture import (
     CapturedGraph,
     UnsupportedForIncremental,
     capture_cached,
     is_per_example,
     resolve_module,
 )
-from captum_krypton.graph.plan import PLANNING_ROWS, RegionPlan
+from captum_krypton.plan import PLANNING_ROWS, RegionPlan
 
 logger = logging.getLogger(__name__)
 
@@ -890,7 +890,7 @@ class IncrementalOcclusion(Occlusion):
                 f"tensor along its first dim (Captum's rule), also the shared one of shape "
                 f"{shared[0]}; the engine keeps shared tensors as they are"
             )
-        captured = capture_cached(self._captures, module, extra, formatted[0].shape[0])
+        captured = capture_cached(self._captures, module, formatted[0], extra)
         prepared = PreparedOcclusion.prepare(
             captured,
             formatted[0],

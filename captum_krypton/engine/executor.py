@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import fx
 
-from captum_krypton.graph.capture import mutates_first_argument, run_node
-from captum_krypton.graph.plan import RegionPlan
+from captum_krypton.capture import mutates_first_argument, run_node
+from captum_krypton.plan import RegionPlan
 from captum_krypton.kernels import choice, torch_ops, triton_conv_module, triton_module
 
 
@@ -120,6 +120,13 @@ class BatchRun:
     def clean_value(self, node: fx.Node) -> Any:
         return self.views.env[node]
 
+    def operand_value(self, node: fx.Node) -> Any:
+        """A non-boxed operand of a box op: its clean value, or for a size that
+        depends on the batch (`x.size(0)`), its value for this batch."""
+        if node in self.plan.captured.size_exprs:
+            return self.plan.captured.size_of(node, self.rows)
+        return self.views.env[node]
+
     # ------------------------------------------------------------ reads
     def read(
         self,
@@ -210,7 +217,7 @@ class BatchRun:
 
     # ------------------------------------------------------------ compute
     def mutates(self, node: fx.Node) -> bool:
-        return mutates_first_argument(node, self.plan.captured.root)
+        return mutates_first_argument(node)
 
     def owned(self, node: fx.Node, tensor: torch.Tensor) -> torch.Tensor:
         """A tensor safe to write into: a copy unless it is the node's sole-use value."""
@@ -223,12 +230,14 @@ class BatchRun:
         return tensor.clone()
 
     def call(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-        return run_node(self.plan.captured.root, node, args, kwargs)
+        return run_node(self.plan.captured, node, args, kwargs)
 
     def full_value(self, node: fx.Node) -> Any:
         """The node's value for every row as ordinary batched inference would have it."""
         if node in self._full:
             return self._full[node]
+        if node in self.plan.captured.size_exprs:
+            return self.plan.captured.size_of(node, self.rows)
         plan = self.plan.nodes[node]
         if plan.mode == "box":
             # In the clean value's own memory format: models may `.view` it.
@@ -290,8 +299,9 @@ class BatchRun:
         if inputs.is_cuda and inputs.dim() in (4, 5):  # cuDNN's fastest layout
             layout = torch.channels_last if inputs.dim() == 4 else torch.channels_last_3d
             inputs = inputs.contiguous(memory_format=layout)
-        extra = [self.full_value(p) for p in self.plan.captured.placeholder_values]
-        return self.plan.captured.root(inputs, *extra)
+        captured = self.plan.captured
+        extra = [self.full_value(p) for p in captured.placeholder_values]
+        return captured.root(inputs, *captured.additional_args(extra))
 
     def run(self) -> Any:
         """Evaluate the plan's nodes; returns the model output for all rows."""
@@ -303,7 +313,7 @@ class BatchRun:
             if node is plan.captured.input_node:
                 value = self._input_tiles(self)
             elif node.op == "output":
-                return fx.node.map_arg(node.args[0], self.full_value)
+                return plan.captured.output_value(fx.node.map_arg(node.args[0], self.full_value))
             elif node_plan.mode == "box":
                 value = node_plan.rule.run_box(self, node_plan.info, node_plan.spec)
             else:

@@ -18,12 +18,8 @@ from captum._utils.typing import TargetType
 
 from captum_krypton.engine.executor import BatchRun, Views
 from captum_krypton.engine.windows import WindowGrid
-from captum_krypton.graph.capture import (
-    CapturedGraph,
-    UnsupportedForIncremental,
-    evaluate,
-)
-from captum_krypton.graph.plan import PLANNING_ROWS, RegionPlan, build_plan, check_ops
+from captum_krypton.capture import CapturedGraph, UnsupportedForIncremental, evaluate
+from captum_krypton.plan import PLANNING_ROWS, RegionPlan, build_plan, check_ops
 from captum_krypton.kernels import use_triton
 
 #: Default memory for one window batch on the CPU; on CUDA, half the free memory.

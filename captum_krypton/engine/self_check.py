@@ -34,11 +34,12 @@ from captum._utils.common import _expand_target, _select_targets
 from captum._utils.typing import TargetType
 
 from captum_krypton.engine.occlusion import PreparedOcclusion, cudnn_autotuning
-from captum_krypton.graph.batch_dims import find_batch_mixing
-from captum_krypton.graph.capture import (
+from captum_krypton.capture import (
     UnsupportedForIncremental,
     evaluate,
     expand_additional_args,
+    find_batch_coupling,
+    find_batch_mixing,
 )
 
 #: Differences up to this many units in the last place of the output scale are
@@ -285,6 +286,9 @@ def check_batch_layout(prepared: PreparedOcclusion, window_ids: np.ndarray) -> t
     UnsupportedForIncremental, naming the node, if the model mixes its rows or
     fails on a batch. Returns the batch's model output."""
     captured = prepared.captured
+    coupling = find_batch_coupling(captured)
+    if coupling is not None:
+        raise UnsupportedForIncremental(f"{coupling}: the model mixes the examples of a batch")
     examples = prepared.inputs.shape[0]
     copies = len(window_ids)
     extra = {

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from captum_krypton.graph.registry import Geometry
+from captum_krypton.ops import Geometry
 from captum_krypton.kernels import torch_ops
 
 

@@ -8,11 +8,17 @@ from typing import Any
 import torch
 from torch import fx
 
-from captum_krypton.graph import rules  # noqa: F401  (fills the registry)
-from captum_krypton.graph.capture import CapturedGraph
-from captum_krypton.graph.cost import DeviceCosts, cheapest_full_set, device_costs
-from captum_krypton.graph.registry import FULL_RULE, Geometry, NodeInfo, OpRule, rule_for
-from captum_krypton.graph.rules import FUSED_RULE, describe_target
+from captum_krypton.capture import CapturedGraph, UnsupportedForIncremental
+from captum_krypton.ops import (
+    FULL_RULE,
+    FUSED_RULE,
+    Geometry,
+    NodeInfo,
+    OpRule,
+    describe_target,
+    rule_for,
+)
+from captum_krypton.plan.cost import DeviceCosts, cheapest_full_set, device_costs
 
 #: A plan saving less than this factor (of estimated time; of FLOPs when a
 #: coverage threshold replaces the cost model) is not worth its bookkeeping: the
@@ -39,7 +45,7 @@ class NodePlan:
     def op(self) -> str:
         if self.node.op == "placeholder":
             return "input"
-        return describe_target(self.node, self.info.module)
+        return describe_target(self.node)
 
 
 @dataclass
@@ -237,12 +243,9 @@ def _row_bytes(value: Any, geometry: Geometry | None) -> int:
 def check_ops(captured: CapturedGraph) -> None:
     """Let every rule veto incremental evaluation before anything runs."""
     for node in captured.nodes:
-        if node.op.startswith("call_"):
-            module = captured.module(node) if node.op == "call_module" else None
-            info = NodeInfo(
-                node, module, node.args, node.kwargs, None, node in captured.depends_on_input
-            )
-            rule_for(node, module).check(info)
+        if node.op == "call_function":
+            info = NodeInfo(node, node.args, node.kwargs, None, node in captured.depends_on_input)
+            rule_for(node).check(info)
 
 
 def _fuse_into_producers(nodes: dict[fx.Node, NodePlan]) -> None:
@@ -357,16 +360,14 @@ def build_plan(
     threshold = float("inf") if full_threshold is None else full_threshold
     for node in captured.nodes:
         value = env[node]
-        module = captured.module(node) if node.op == "call_module" else None
         info = NodeInfo(
             node=node,
-            module=module,
             args=fx.node.map_arg(node.args, lambda n: env[n]),
             kwargs=fx.node.map_arg(node.kwargs, lambda n: env[n]),
             value=value,
         )
-        rule = rule_for(node, module) if node.op.startswith("call_") else FULL_RULE
-        flops_full = rule.flops(info) if node.op.startswith("call_") else 0.0
+        rule = rule_for(node)
+        flops_full = rule.flops(info) if node.op == "call_function" else 0.0
         geometry: Geometry | None = None
         spec = None
         reason = ""
@@ -382,7 +383,7 @@ def build_plan(
             if len(in_geoms) < len(inputs):
                 reason = "an input is full"
             elif rule is FULL_RULE:
-                reason = f"no box rule for {describe_target(node, module)}"
+                reason = f"no box rule for {describe_target(node)}"
             else:
                 spec = rule.spec(info)
                 geometry = rule.propagate(info, spec, in_geoms) if spec is not None else None

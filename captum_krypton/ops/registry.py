@@ -1,21 +1,22 @@
-"""The op registry: one rule per op says how a changed box travels through it.
+"""The op registry: one rule per ATen op says how a changed box travels through it.
 
 A node's region is `none` (same as in the clean run), `box` (only a box of the
 spatial dims differs; all channels), or `full` (recomputed whole). Rules are
-looked up by module class (for `call_module`), by function (`call_function`) or
-by method name (`call_method`); anything unregistered is evaluated `full`.
+keyed on the ATen op overloads of export's training IR (`aten.conv2d.default`,
+`aten.batch_norm.default`, ...). The decomposition table is fixed and small: an
+in-place op (`aten.relu_`) is looked up under its out-of-place op (`aten.relu`),
+and nothing else is decomposed. An op without a rule is `full` by construction.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import fx, nn
+from torch import fx
 
 if TYPE_CHECKING:  # pragma: no cover
     from captum_krypton.engine.executor import BatchRun
@@ -66,7 +67,6 @@ class NodeInfo:
     """What a rule may know about a node at planning time."""
 
     node: fx.Node
-    module: nn.Module | None
     args: tuple  # argument values of the clean run
     kwargs: dict
     value: Any  # the node's value in the clean run
@@ -120,46 +120,63 @@ class OpRule:
 
 
 FULL_RULE = OpRule()
-_MODULE_RULES: dict[type, OpRule] = {}
-_FUNCTION_RULES: dict[Any, OpRule] = {}
-_METHOD_RULES: dict[str, OpRule] = {}
+_RULES: dict[Any, OpRule] = {}
 
 
-def register(
-    rule: OpRule,
-    modules: tuple[type, ...] = (),
-    functions: tuple[Callable, ...] = (),
-    methods: tuple[str, ...] = (),
-) -> OpRule:
-    for cls in modules:
-        _MODULE_RULES[cls] = rule
-    for fn in functions:
-        _FUNCTION_RULES[fn] = rule
-    for name in methods:
-        _METHOD_RULES[name] = rule
+def register(rule: OpRule, *ops: Any) -> OpRule:
+    """Make `rule` the rule of each ATen op overload in `ops`."""
+    for op in ops:
+        _RULES[op] = rule
     return rule
 
 
-def rule_for(node: fx.Node, module: nn.Module | None) -> OpRule:
-    if node.op == "call_module" and module is not None:
-        for cls in type(module).__mro__:
-            if cls in _MODULE_RULES:
-                return _MODULE_RULES[cls]
+def functional_op(op: Any) -> Any:
+    """The out-of-place overload of an in-place ATen op (`relu_` -> `relu`), else `op`."""
+    packet = getattr(op, "overloadpacket", None)
+    name = getattr(packet, "__name__", "")
+    if not name.endswith("_") or name.startswith("_"):
+        return op
+    functional = getattr(torch.ops.aten, name[:-1], None)
+    return getattr(functional, op._overloadname, op) if functional is not None else op
+
+
+def rule_for(node: fx.Node) -> OpRule:
+    """The node's rule: its op's, after the decomposition table; else FULL_RULE."""
+    if node.op != "call_function":
         return FULL_RULE
-    if node.op == "call_function":
-        try:
-            return _FUNCTION_RULES.get(node.target, FULL_RULE)
-        except TypeError:  # unhashable callables
-            return FULL_RULE
-    if node.op == "call_method":
-        return _METHOD_RULES.get(node.target, FULL_RULE)
-    return FULL_RULE
+    try:
+        return _RULES.get(node.target) or _RULES.get(functional_op(node.target), FULL_RULE)
+    except TypeError:  # unhashable callables
+        return FULL_RULE
 
 
-def registered_names() -> dict[str, list[str]]:
-    """What has a rule, for docs and tests."""
-    return {
-        "modules": sorted(c.__name__ for c in _MODULE_RULES),
-        "functions": sorted(getattr(f, "__name__", str(f)) for f in _FUNCTION_RULES),
-        "methods": sorted(_METHOD_RULES),
-    }
+def registered_ops() -> dict[str, list[str]]:
+    """Which ops have which rule, for docs and tests."""
+    table: dict[str, list[str]] = {}
+    for op, rule in _RULES.items():
+        table.setdefault(rule.name, []).append(str(op))
+    return {name: sorted(ops) for name, ops in sorted(table.items())}
+
+
+def bind(node: fx.Node, args: tuple | None = None, kwargs: dict | None = None) -> dict[str, Any]:
+    """The op's arguments by their schema names, defaults filled in; `args` and
+    `kwargs` replace the node's own (e.g. the clean run's values)."""
+    args = node.args if args is None else args
+    kwargs = node.kwargs if kwargs is None else kwargs
+    bound: dict[str, Any] = {}
+    for position, argument in enumerate(node.target._schema.arguments):
+        if position < len(args):
+            bound[argument.name] = args[position]
+        elif argument.name in kwargs:
+            bound[argument.name] = kwargs[argument.name]
+        elif argument.has_default_value():
+            bound[argument.name] = argument.default_value
+    return bound
+
+
+def describe_target(node: fx.Node) -> str:
+    """The op's short name for plans and messages (`conv2d`, `relu_`)."""
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet is not None:
+        return packet.__name__
+    return getattr(node.target, "__name__", str(node.target))

@@ -1,0 +1,192 @@
+"""The captured graph: PyTorch's own op-level graph of the model, and running it.
+
+The model is captured with `torch.export` (non-strict) as ATen ops of export's
+training IR, with the batch dimension symbolic and every other dimension
+specialized to the call's shapes (capture.export). This module holds the result
+and runs it one node at a time, keeping every node's value (the views).
+
+Parameters and buffers are graph inputs bound to the live model's tensors on
+every run, so a model whose weights change is computed with its new weights.
+Values that do not depend on the occluded input (weight standardization, weight
+norm, parametrizations, constants) are computed once per call, in the clean run,
+and read from it by every window.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from captum_krypton.capture.batch import is_per_example
+
+
+class UnsupportedForIncremental(Exception):
+    """Incremental evaluation does not apply; the message says why."""
+
+
+def resolve_module(forward_func: Callable[..., Any]) -> nn.Module:
+    """The module whose forward is `forward_func`, or raise with the reason."""
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    func = getattr(forward_func, "__func__", None)
+    if isinstance(owner, nn.Module) and func is getattr(type(owner), "forward", None):
+        return owner
+    raise UnsupportedForIncremental(
+        "forward_func is neither an nn.Module nor the bound forward of one"
+    )
+
+
+@dataclass
+class CapturedGraph:
+    """A captured forward: its nodes in order and which of them see the input.
+
+    `placeholder_values` binds the additional forward arguments (graph inputs
+    after the occluded one); `state` names the parameter or buffer of `root`
+    behind each state input; `constants` holds tensors the capture lifted out of
+    the code. `size_exprs` gives every node whose value is a size depending on the
+    batch (e.g. `x.size(0)`) as an expression of `batch_symbols`.
+    """
+
+    root: nn.Module
+    graph_module: fx.GraphModule
+    nodes: list[fx.Node]
+    input_node: fx.Node
+    placeholder_values: dict[fx.Node, Any]
+    output_node: fx.Node
+    out_spec: Any
+    #: How the additional forward arguments nest (their leaves are placeholders).
+    args_spec: Any = None
+    state: dict[fx.Node, str] = field(default_factory=dict)
+    constants: dict[fx.Node, Any] = field(default_factory=dict)
+    size_exprs: dict[fx.Node, sympy.Expr] = field(default_factory=dict)
+    batch_symbols: frozenset = frozenset()
+    depends_on_input: set[fx.Node] = field(default_factory=set)
+    batch_aligned: set[fx.Node] = field(default_factory=set)
+    #: Region plans made for this capture, by what they depend on (engine/occlusion.py).
+    plans: dict[tuple, Any] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    def state_key(self) -> tuple:
+        """Identity, storage and in-place version of every parameter, buffer and
+        tensor argument: a plan holds values derived from them (e.g. folded
+        BatchNorm). Writes through `.data` bypass the version counter; after such
+        writes, pass the model to a new IncrementalOcclusion."""
+        tensors = itertools.chain(
+            self.root.parameters(),
+            self.root.buffers(),
+            (v for v in self.placeholder_values.values() if isinstance(v, torch.Tensor)),
+        )
+        return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+
+    def state_values(self) -> dict[fx.Node, Any]:
+        """The live model's parameters and buffers for the state inputs."""
+        return {node: _fetch(self.root, name) for node, name in self.state.items()}
+
+    def size_of(self, node: fx.Node, rows: int) -> int:
+        """A batch-dependent size node's value for a batch of `rows` rows."""
+        expr = self.size_exprs[node]
+        return int(expr.subs({s: rows for s in self.batch_symbols}))
+
+    def additional_args(self, leaves: list) -> tuple:
+        """The additional forward arguments, structured as forward takes them."""
+        return tuple(pytree.tree_unflatten(list(leaves), self.args_spec))
+
+    def output_value(self, flat: Any) -> Any:
+        """The model's output, structured as the model returns it."""
+        return pytree.tree_unflatten(list(flat), self.out_spec)
+
+    def align_batch(self, examples: int | None) -> None:
+        """Mark the nodes that hold one row per example of the call: the input, the
+        additional tensors that are per example (`is_per_example`), and everything
+        computed from them or from the batch's size. Shared tensors keep their clean value in every row."""
+        aligned = {self.input_node} | set(self.size_exprs)
+        aligned |= {
+            node
+            for node, value in self.placeholder_values.items()
+            if is_per_example(value, examples)
+        }
+        for node in self.nodes:
+            if any(a in aligned for a in node.all_input_nodes):
+                aligned.add(node)
+        self.batch_aligned = aligned
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def mutates_first_argument(node: fx.Node) -> bool:
+    """Whether running the node writes into its first argument (an in-place op),
+    read off the op's schema."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        first = schema.arguments[0] if schema.arguments else None
+        return bool(first is not None and first.alias_info and first.alias_info.is_write)
+    return node.target in _INPLACE_OPERATORS
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def run_node(captured: CapturedGraph, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+    """Run one captured node with concrete arguments, exactly as the model would."""
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "get_attr":
+        return _fetch(captured.graph_module, node.target)
+    raise ValueError(f"cannot run node of kind {node.op}")
+
+
+def clone_if_tensor(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def evaluate(
+    captured: CapturedGraph,
+    input_value: torch.Tensor,
+    placeholder_values: dict[fx.Node, Any] | None = None,
+    env: dict[fx.Node, Any] | None = None,
+    perturb: Callable[[Any], Any] | None = None,
+) -> dict[fx.Node, Any]:
+    """Plain forward through the graph, keeping every node's value (the views).
+
+    In-place ops get a copy of their first argument so that every kept value stays
+    what its node produced. `placeholder_values` replaces the additional arguments;
+    values computed before an exception stay in `env` when the caller passes one;
+    `perturb` is applied to every computed node's value (to measure rounding).
+    The output node's value is the model's output, structured as it returns it.
+    """
+    env = {} if env is None else env
+    extra = captured.placeholder_values if placeholder_values is None else placeholder_values
+    bound = {**captured.state_values(), **captured.constants, **extra}
+    rows = input_value.shape[0]
+    for node in captured.nodes:
+        if node.op == "placeholder":
+            env[node] = input_value if node is captured.input_node else bound[node]
+        elif node.op == "output":
+            env[node] = captured.output_value(fx.node.map_arg(node.args[0], lambda n: env[n]))
+        elif node in captured.size_exprs:
+            env[node] = captured.size_of(node, rows)
+        else:
+            args = fx.node.map_arg(node.args, lambda n: env[n])
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+            if mutates_first_argument(node) and args:
+                args = (clone_if_tensor(args[0]), *args[1:])
+            value = run_node(captured, node, args, kwargs)
+            env[node] = value if perturb is None else perturb(value)
+    return env

@@ -1,0 +1,38 @@
+"""Normalization: `aten.batch_norm` in eval mode is per-channel pointwise.
+
+In training mode BatchNorm normalizes by the batch's statistics (and updates its
+running ones), which only Captum's path reproduces, with one exception: weight
+standardization (timm's StdConv2d, NFNets, BiT) runs `batch_norm` in training
+mode on a weight, with no running statistics. It does not see the input, so it
+is computed once per call, in the clean run, as the model computes it.
+Layer, group and instance norms mix positions: `full`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from captum_krypton.capture import UnsupportedForIncremental
+from captum_krypton.ops.pointwise import PointwiseRule
+from captum_krypton.ops.registry import NodeInfo, bind, register
+
+aten = torch.ops.aten
+
+
+class BatchNormRule(PointwiseRule):
+    name = "batch_norm"
+
+    def check(self, info: NodeInfo) -> None:
+        b = bind(info.node, info.args, info.kwargs)
+        if not b["training"] or not info.depends_on_input:
+            return
+        if b["running_mean"] is None:
+            raise UnsupportedForIncremental(
+                f"'{info.node.name}' (batch_norm) uses batch statistics (no running statistics)"
+            )
+        raise UnsupportedForIncremental(
+            f"model is in training mode ('{info.node.name}': batch_norm uses batch statistics)"
+        )
+
+
+BATCH_NORM_RULE = register(BatchNormRule(), aten.batch_norm.default)

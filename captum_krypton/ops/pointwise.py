@@ -1,0 +1,159 @@
+"""Pointwise ops: each output element from the same position of its operands.
+
+Unary ops (activations, casts, copies) keep the box; their other operands may be
+per-channel constants (PReLU's weight). Ops of several tensors (add, mul, where,
+...) take the bounding box of their boxed operands, each read over it: its own
+box where it has one, its clean view elsewhere; unboxed operands broadcast.
+Dropout in eval mode is the identity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import fx
+
+from captum_krypton.capture import UnsupportedForIncremental
+from captum_krypton.ops.convolution import first_arg, is_box_tensor
+from captum_krypton.ops.registry import Geometry, NodeInfo, OpRule, bind, register
+
+aten = torch.ops.aten
+
+
+class PointwiseRule(OpRule):
+    """Ops acting on each element (or each channel) alone: the box stays the same."""
+
+    name = "pointwise"
+
+    def spec(self, info):
+        first = first_arg(info)
+        if not is_box_tensor(info) or first is None:
+            return None
+        for other in info.node.all_input_nodes:
+            # Extra tensors must broadcast per channel at most and be the same
+            # for every row (no batch dim), e.g. BatchNorm's running stats.
+            if (
+                other is not first
+                and other.meta.get("is_tensor")
+                and (other.meta["ndim"] > 1 or other.meta["batch_aligned"])
+            ):
+                return None
+        return True
+
+    def propagate(self, info, spec, in_geoms):
+        source = first_arg(info)
+        if set(in_geoms) != {source}:
+            return None
+        return in_geoms[source]
+
+    def run_box(self, run, info, spec):
+        source = first_arg(info)
+        tile = run.read_at(source, info.node)
+        if run.mutates(info.node):
+            tile = run.owned(source, tile)
+        # Other operands (parameters, constants) as this call's clean run has them.
+        args = fx.node.map_arg(info.node.args, run.operand_value)
+        kwargs = dict(fx.node.map_arg(info.node.kwargs, run.operand_value))
+        return run.call(info.node, (tile, *args[1:]), kwargs)
+
+
+class IdentityRule(PointwiseRule):
+    """Dropout in eval mode passes the box unchanged; in training mode it draws a
+    new mask per forward, which only Captum's path reproduces."""
+
+    name = "identity"
+
+    def check(self, info):
+        b = bind(info.node, info.args, info.kwargs)
+        if b.get("train") and info.depends_on_input:
+            raise UnsupportedForIncremental(f"'{info.node.name}' runs in training mode")
+
+    def run_box(self, run, info, spec):
+        return run.read_at(first_arg(info), info.node)
+
+    def run_full(self, run, info):
+        return run.full_value(first_arg(info))
+
+
+class FusedRule(OpRule):
+    """A node whose op was folded into its producer: it passes the box on."""
+
+    name = "fused"
+
+    def run_box(self, run, info, spec):
+        return run.read_at(first_arg(info), info.node)
+
+
+FUSED_RULE = FusedRule()
+
+
+class ElementwiseRule(OpRule):
+    """Ops over several same-shaped tensors: the boxes' bounding box."""
+
+    name = "elementwise"
+
+    def spec(self, info):
+        return True if is_box_tensor(info) else None
+
+    def propagate(self, info, spec, in_geoms):
+        return bounding_box(info, in_geoms, lambda node: tuple(info.value.shape))
+
+    def run_box(self, run, info, spec):
+        def read(arg):
+            return run.read_operand(arg, info.node) if isinstance(arg, fx.Node) else arg
+
+        args = tuple(read(a) for a in info.node.args)
+        kwargs = {k: read(v) for k, v in info.node.kwargs.items()}
+        if run.mutates(info.node) and isinstance(info.node.args[0], fx.Node):
+            args = (run.owned(info.node.args[0], args[0]), *args[1:])
+        return run.call(info.node, args, kwargs)
+
+
+def bounding_box(info: NodeInfo, in_geoms: dict, expected_shape) -> Geometry | None:
+    """The bounding box of the operands' boxes, or None when a boxed operand does
+    not have the expected shape (a boxed operand that broadcasts changes all)."""
+    if not in_geoms:
+        return None
+    for node in in_geoms:
+        if tuple(node.meta["shape"]) != expected_shape(node):
+            return None
+    lo = np.minimum.reduce([g.starts for g in in_geoms.values()])
+    hi = np.maximum.reduce([g.starts + np.asarray(g.size) for g in in_geoms.values()])
+    return Geometry.from_bounds(lo, hi, info.spatial_shape)
+
+
+def _overloads(*names: str) -> list:
+    """Every overload of the named ATen ops that exists in this torch."""
+    found = []
+    for name in names:
+        packet = getattr(aten, name, None)
+        if packet is None:
+            continue
+        found.extend(getattr(packet, o) for o in packet.overloads())
+    return found
+
+
+UNARY_OPS = _overloads(
+    "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish",
+    "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "softplus", "log_sigmoid",
+    "prelu", "_prelu_kernel", "threshold", "hardshrink", "softshrink", "rrelu",
+    "exp", "expm1", "log", "log1p", "abs", "neg", "sqrt", "rsqrt", "reciprocal", "square",
+    "sign", "erf", "sin", "cos", "clamp", "clamp_min", "clamp_max", "clip", "nan_to_num",
+    "_to_copy", "clone", "detach", "alias", "contiguous", "lift_fresh_copy",
+)
+#: Overloads of binary ops whose other operand is a Python number: unary.
+UNARY_OPS += [
+    aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.pow.Tensor_Scalar,
+    aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.type_as.default,
+]
+ELEMENTWISE_OPS = [
+    aten.add.Tensor, aten.sub.Tensor, aten.rsub.Tensor, aten.mul.Tensor, aten.div.Tensor,
+    aten.div.Tensor_mode, aten.maximum.default, aten.minimum.default, aten.where.self,
+    aten.pow.Tensor_Tensor, aten.rsub.Scalar,
+]
+POINTWISE_RULE = register(PointwiseRule(), *UNARY_OPS)
+ELEMENTWISE_RULE = register(ElementwiseRule(), *ELEMENTWISE_OPS)
+IDENTITY_RULE = register(
+    IdentityRule(),
+    *_overloads("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"),
+)
