@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from captum_krypton import IncrementalOcclusion
-from captum_krypton.graph.registry import Geometry
+from captum_krypton.ops import Geometry
 from tests import models
 
 ARGS = dict(sliding_window_shapes=(3, 4, 4), strides=2, target=1)

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from captum_krypton import IncrementalOcclusion
-from captum_krypton.graph.cost import CPU_COSTS, cheapest_full_set, device_costs
+from captum_krypton.plan.cost import CPU_COSTS, cheapest_full_set, device_costs
 
 
 def _total(full_set, incremental, full, projection, consumers):

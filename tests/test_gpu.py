@@ -245,15 +245,15 @@ def test_cuda_broken_rule_is_caught(monkeypatch, exact_cuda_math):
     from captum.attr import Occlusion
 
     from captum_krypton import FallbackWarning, IncrementalOcclusion
-    from captum_krypton.graph import rules
+    from captum_krypton.ops import convolution, pooling
 
-    original = rules.ConvRule.run_box
+    original = convolution.ConvRule.run_box
 
     def wrong(self, run, info, spec):
         box = original(self, run, info, spec)
         return box + 0.01 * (box.max() - box.min())
 
-    monkeypatch.setattr(rules.ConvRule, "run_box", wrong)
+    monkeypatch.setattr(convolution.ConvRule, "run_box", wrong)
     model = torchvision.models.resnet18(weights=None).eval().cuda()
     inputs = torch.randn(1, 3, 64, 64, device="cuda")
     with pytest.warns(FallbackWarning, match="windows vs forward"):

@@ -1,10 +1,11 @@
-"""Every op of the registry, in random argument forms, inside small conv models,
-against Captum's Occlusion.
+"""Every way users spell a pointwise or elementwise op, in random argument forms,
+inside small conv models, against Captum's Occlusion.
 
-Each registered module, function and method gets a case (the parametrized sweep);
-hypothesis then strings random registry ops together with random windows,
-strides, baselines and targets. Cases run are counted in RUN_COUNTS (printed at
-the end with `-s`); any mismatch fails.
+Each module, function and method spelling gets a case (the parametrized sweep);
+it must lower to an ATen op with a box rule (the op keeps its box in the plan)
+and equal Captum. Hypothesis then strings random spellings together with random
+windows, strides, baselines and targets. Cases run are counted in RUN_COUNTS
+(printed at the end with `-s`); any mismatch fails.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
-from captum_krypton.graph import registry
+from captum_krypton import IncrementalOcclusion
 from tests.conftest import check_model
 
 EXAMPLES = int(os.environ.get("KRYPTON_FUZZ_EXAMPLES", "40"))
@@ -37,6 +38,7 @@ EXTRA = {
     torch.nan_to_num: lambda x: torch.nan_to_num(x, nan=0.0),
     F.relu_: lambda x: F.relu_(x.clone()),
     torch.relu_: lambda x: torch.relu_(x.clone()),
+    F.dropout: lambda x: F.dropout(x, 0.5, training=False),
 }
 METHOD_ARGS = {
     "clamp": (-0.5, 0.8),
@@ -48,20 +50,28 @@ METHOD_ARGS = {
 #: Methods that change the dtype: used as a round trip, so the model stays float64.
 DTYPE_METHODS = {"float", "half", "bfloat16"}
 ELEMENTWISE_FUNCTIONS = [
-    f for f, rule in registry._FUNCTION_RULES.items() if type(rule).__name__ == "ElementwiseRule"
-]
-ELEMENTWISE_METHODS = [
-    m for m, rule in registry._METHOD_RULES.items() if type(rule).__name__ == "ElementwiseRule"
-]
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+    operator.imul, operator.itruediv, torch.add, torch.sub, torch.subtract, torch.mul,
+    torch.multiply, torch.div, torch.maximum, torch.minimum, torch.where,
+]  # fmt: skip
+ELEMENTWISE_METHODS = ["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum"]  # fmt: skip
 POINTWISE_MODULES = [
-    m for m, rule in registry._MODULE_RULES.items() if type(rule).__name__ == "PointwiseRule"
-]
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
+    nn.Threshold, nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Identity, nn.Dropout,
+    nn.Dropout2d, nn.AlphaDropout,
+]  # fmt: skip
 POINTWISE_FUNCTIONS = [
-    f for f, rule in registry._FUNCTION_RULES.items() if type(rule).__name__ == "PointwiseRule"
-]
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu,
+    F.gelu, F.silu, F.mish, F.sigmoid, torch.sigmoid, F.tanh, torch.tanh, F.hardtanh,
+    F.hardswish, F.hardsigmoid, F.softplus, F.logsigmoid, F.prelu, torch.exp, torch.abs,
+    torch.neg, torch.sqrt, torch.clamp, torch.clip, operator.neg, torch.nan_to_num, F.dropout,
+]  # fmt: skip
 POINTWISE_METHODS = [
-    m for m, rule in registry._METHOD_RULES.items() if type(rule).__name__ == "PointwiseRule"
-]
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "sqrt",
+    "clamp", "clamp_", "clip", "clip_", "contiguous", "float", "double", "half", "bfloat16",
+    "to", "type_as", "clone", "detach",
+]  # fmt: skip
 
 
 def unary(entry):
@@ -149,6 +159,20 @@ def check(ops, seed):
     strides = (3, int(torch.randint(1, window[1] + 1, (1,), generator=generator)), 2)
     check_model(model, inputs, sliding_window_shapes=window, strides=strides, target=[0, 2])
     RUN_COUNTS["cases"] += 1
+    return model, inputs, window, strides
+
+
+def modes_before_pooling(model, inputs, window, strides) -> dict[str, str]:
+    """Mode of each node of the plan before the global mean, by node name."""
+    plan = IncrementalOcclusion(model).plan(
+        inputs, sliding_window_shapes=window, strides=strides, full_threshold=1.01
+    )
+    modes = {}
+    for row in plan.table():
+        if row["op"] == "mean":
+            return modes
+        modes[f"{row['node']} ({row['op']})"] = row["mode"]
+    raise AssertionError("the model's global mean is missing from the plan")
 
 
 SWEEP = [("unary", e) for e in POINTWISE_MODULES + POINTWISE_FUNCTIONS + POINTWISE_METHODS] + [
@@ -163,7 +187,9 @@ def test_every_registered_op_matches_captum(kind, entry):
     forms = ["tensor", "scalar", "broadcast"] if kind == "binary" else [None]
     for seed, form in enumerate(forms):
         op = unary(entry) if kind == "unary" else binary(entry, form)
-        check([(kind, op)], seed)
+        modes = modes_before_pooling(*check([(kind, op)], seed))
+        # Every op before the global mean keeps its box, as its ATen op's rule says.
+        assert set(modes.values()) == {"box"}, f"{entry} did not keep the box: {modes}"
         RUN_COUNTS[f"{kind}:{getattr(entry, '__name__', entry)}"] += 1
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from captum_krypton import FallbackWarning, IncrementalNotApplicable, IncrementalOcclusion
 from captum_krypton.engine.self_check import check_window_ids
-from captum_krypton.graph import rules
+from captum_krypton.ops import convolution, pooling
 from tests import models
 
 
@@ -260,13 +260,13 @@ def test_the_issue_values_of_a_batch_min_model():
 
 def _broken_pool(monkeypatch):
     """A wrong rule: max pooling's boxes come out 1% of their range too high."""
-    original = rules.PoolRule.run_box
+    original = pooling.PoolRule.run_box
 
     def wrong(self, run, info, spec):
         box = original(self, run, info, spec)
         return box + 0.01 * (box.max() - box.min())
 
-    monkeypatch.setattr(rules.PoolRule, "run_box", wrong)
+    monkeypatch.setattr(pooling.PoolRule, "run_box", wrong)
 
 
 def test_a_broken_rule_is_caught_by_the_self_check(monkeypatch):
