@@ -1,6 +1,7 @@
 """Pointwise ops: each output element from the same position of its operands.
 
-Unary ops (activations, casts, copies) keep the box; their other operands may be
+Unary ops (activations, casts, copies, and `ones_like`-style factories, whose
+value over a box is their value anywhere) keep the box; their other operands may be
 per-channel constants (PReLU's weight). Ops of several tensors (add, mul, where,
 ...) take the bounding box of their boxed operands, each read over it: its own
 box where it has one, its clean view elsewhere; unboxed operands broadcast.
@@ -134,23 +135,22 @@ def _overloads(*names: str) -> list:
 
 
 UNARY_OPS = _overloads(
-    "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish",
+    "absolute", "negative", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish",
     "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "softplus", "log_sigmoid",
     "prelu", "_prelu_kernel", "threshold", "hardshrink", "softshrink", "rrelu",
     "exp", "expm1", "log", "log1p", "abs", "neg", "sqrt", "rsqrt", "reciprocal", "square",
     "sign", "erf", "sin", "cos", "clamp", "clamp_min", "clamp_max", "clip", "nan_to_num",
     "_to_copy", "clone", "detach", "alias", "contiguous", "lift_fresh_copy",
-)
-#: Overloads of binary ops whose other operand is a Python number: unary.
-UNARY_OPS += [
-    aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.pow.Tensor_Scalar,
-    aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.type_as.default,
-]
-ELEMENTWISE_OPS = [
-    aten.add.Tensor, aten.sub.Tensor, aten.rsub.Tensor, aten.mul.Tensor, aten.div.Tensor,
-    aten.div.Tensor_mode, aten.maximum.default, aten.minimum.default, aten.where.self,
-    aten.pow.Tensor_Tensor, aten.rsub.Scalar,
-]
+    "zeros_like", "ones_like", "full_like", "empty_like", "logical_not",
+)  # fmt: skip
+UNARY_OPS += [aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.type_as.default]
+#: Ops of several operands, every overload (a Python number as an operand is fine),
+#: under all their ATen spellings (`subtract` is `sub`, `multiply` is `mul`).
+ELEMENTWISE_OPS = _overloads(
+    "add", "sub", "subtract", "rsub", "mul", "multiply", "div", "divide", "true_divide",
+    "maximum", "minimum", "fmax", "fmin", "where", "pow", "gt", "lt", "ge", "le", "eq", "ne",
+    "greater", "less", "greater_equal", "less_equal", "logical_and", "logical_or",
+)  # fmt: skip
 POINTWISE_RULE = register(PointwiseRule(), *UNARY_OPS)
 ELEMENTWISE_RULE = register(ElementwiseRule(), *ELEMENTWISE_OPS)
 IDENTITY_RULE = register(
