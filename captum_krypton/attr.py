@@ -34,6 +34,13 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_krypton.approx.settings import Approximation, check_fraction, check_target_ssim
+from captum_krypton.capture import (
+    CapturedGraph,
+    UnsupportedForIncremental,
+    capture_cached,
+    is_per_example,
+    resolve_module,
+)
 from captum_krypton.engine.devices import (
     Replicas,
     compute_shard,
@@ -47,13 +54,6 @@ from captum_krypton.engine.progressive import OcclusionProgress, OcclusionReport
 from captum_krypton.engine.self_check import SelfCheckFailed, WindowCheck, prepare_checks
 from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.engine.workers import WorkerPool, WorkerUnavailable
-from captum_krypton.capture import (
-    CapturedGraph,
-    UnsupportedForIncremental,
-    capture_cached,
-    is_per_example,
-    resolve_module,
-)
 from captum_krypton.plan import PLANNING_ROWS, RegionPlan
 
 logger = logging.getLogger(__name__)

@@ -15,14 +15,11 @@ def _cases():
     cnn = models.small_cnn()
     x = torch.randn(2, 3, 12, 12)
     training = models.small_cnn().train()
-    hooked = models.small_cnn()
-    hooked.conv2.register_forward_hook(lambda m, i, o: None)
     return [
         ("lambda", lambda inp: cnn(inp), x, "neither an nn.Module"),
         ("tuple", models.small_cnn(models.TwoInputCNN), (x, x.clone()), "several input tensors"),
         ("training", training, x, "training mode"),
-        ("hooks", hooked, x, "forward hooks"),
-        ("untraceable", models.small_cnn(models.DataDependentCNN), x, "could not trace"),
+        ("untraceable", models.small_cnn(models.DataDependentCNN), x, "could not capture"),
         ("aggregated", models.small_cnn(models.SummedCNN), x, "aggregated output"),
         (
             "mutates input",
@@ -111,10 +108,11 @@ def test_unknown_ops_run_full_but_stay_exact():
     model = models.small_cnn(Upsampling)
     x = torch.randn(2, 3, 16, 16)
     plan = IncrementalOcclusion(model).plan(x, (3, 4, 4), strides=2)
-    modes = {row["node"]: row for row in plan.table()}
-    assert modes["conv1"]["mode"] == "box"
-    assert modes["interpolate"]["mode"] == "full"
-    assert "no box rule" in modes["interpolate"]["reason"]
+    rows = plan.table()
+    assert rows[1]["op"] == "conv2d" and rows[1]["mode"] == "box"
+    upsample = next(row for row in rows if row["op"].startswith("upsample"))
+    assert upsample["mode"] == "full"
+    assert "no box rule" in upsample["reason"]
     expected = Occlusion(model).attribute(x, (3, 4, 4), strides=2, target=2)
     actual = IncrementalOcclusion(model).attribute(x, (3, 4, 4), strides=2, target=2)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
@@ -140,27 +138,56 @@ def test_plans_that_save_little_rerun_the_whole_model():
 
 
 def test_a_trace_that_disagrees_with_forward_runs_on_captums_path():
-    """Python that tracing cannot follow (isinstance on a traced value, a flag read
-    in forward) is caught by comparing one forward with the traced clean run."""
+    """Python state read in forward is baked into the capture (here a scale the
+    user changes between calls): one forward compared with the captured clean run
+    catches it, and the call runs on Captum's path."""
     from tests import models
 
-    class Switching(torch.nn.Module):
+    class Scaled(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.inner = models.small_cnn()
             self.scale = 1.0
 
         def forward(self, x):
-            h = self.inner(x)
-            return h * 3.0 if isinstance(h, torch.Tensor) else h * self.scale
+            return self.inner(x) * self.scale
 
-    model = Switching()
+    model = Scaled()
     inputs = torch.randn(1, 3, 12, 12)
     args = dict(sliding_window_shapes=(3, 4, 4), strides=4, target=0)
-    expected = Occlusion(model).attribute(inputs, **args)
     occlusion = IncrementalOcclusion(model)
+    occlusion.attribute(inputs, engine="incremental", **args)
+    model.scale = 3.0
+    expected = Occlusion(model).attribute(inputs, **args)
     with pytest.warns(FallbackWarning, match="trace disagree"):
         actual = occlusion.attribute(inputs, **args)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
     with pytest.raises(IncrementalNotApplicable, match="trace disagree"):
         occlusion.attribute(inputs, engine="incremental", **args)
+
+
+def _hooked_models() -> list[tuple[str, nn.Module]]:
+    """Hooks that change what a layer computes: the capture runs them as code."""
+    post = models.small_cnn()
+    post.conv2.register_forward_hook(lambda module, args, output: output * 0.5 + 0.1)
+    pre = models.small_cnn()
+    pre.conv2.register_forward_pre_hook(lambda module, args: (args[0].clamp(min=-0.2),))
+    weight_norm = models.small_cnn()
+    weight_norm.conv1 = nn.utils.weight_norm(weight_norm.conv1)  # a pre-hook
+    parametrized = models.small_cnn()
+    nn.utils.parametrizations.weight_norm(parametrized.conv2)
+    return [("post-hook", post), ("pre-hook", pre), ("weight_norm", weight_norm),
+            ("parametrization", parametrized)]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,model", _hooked_models(), ids=[n for n, _ in _hooked_models()])
+def test_hooks_and_parametrizations_run_incrementally(name, model):
+    """Forward hooks, hook-based weight norm and parametrizations are captured as
+    the code they run: incremental (no fallback) and equal to Captum."""
+    model = model.eval().double()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    expected = Occlusion(model).attribute(x, (3, 4, 4), strides=2, target=1)
+    explainer = IncrementalOcclusion(model)
+    actual = explainer.attribute(x, (3, 4, 4), strides=2, target=1, engine="incremental")
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    assert explainer.last_run.engine == "incremental"

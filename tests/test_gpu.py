@@ -245,7 +245,7 @@ def test_cuda_broken_rule_is_caught(monkeypatch, exact_cuda_math):
     from captum.attr import Occlusion
 
     from captum_krypton import FallbackWarning, IncrementalOcclusion
-    from captum_krypton.ops import convolution, pooling
+    from captum_krypton.ops import convolution
 
     original = convolution.ConvRule.run_box
 

@@ -54,7 +54,9 @@ ELEMENTWISE_FUNCTIONS = [
     operator.imul, operator.itruediv, torch.add, torch.sub, torch.subtract, torch.mul,
     torch.multiply, torch.div, torch.maximum, torch.minimum, torch.where,
 ]  # fmt: skip
-ELEMENTWISE_METHODS = ["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum"]  # fmt: skip
+ELEMENTWISE_METHODS = [
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
+]  # fmt: skip
 POINTWISE_MODULES = [
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captum_krypton.capture import capture, evaluate
 from captum_krypton.engine.executor import BatchRun
 from captum_krypton.engine.occlusion import PreparedOcclusion
-from captum_krypton.capture import capture, evaluate
-from captum_krypton.ops import registered_ops
 from captum_krypton.kernels import choice, triton_importable
+from captum_krypton.ops import registered_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

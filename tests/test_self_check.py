@@ -17,7 +17,7 @@ from torch import nn
 
 from captum_krypton import FallbackWarning, IncrementalNotApplicable, IncrementalOcclusion
 from captum_krypton.engine.self_check import check_window_ids
-from captum_krypton.ops import convolution, pooling
+from captum_krypton.ops import pooling
 from tests import models
 
 

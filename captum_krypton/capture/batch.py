@@ -190,7 +190,9 @@ def find_batch_coupling(captured: CapturedGraph) -> str | None:
             continue
         named = _dim_arguments(node, source.dim())
         indexed = getattr(node.target, "__name__", "").startswith("index.") and (
-            len(node.args) > 1 and len(node.args[1]) > batch[0] and node.args[1][batch[0]] is not None
+            len(node.args) > 1
+            and len(node.args[1]) > batch[0]
+            and node.args[1][batch[0]] is not None
         )
         if batch[0] in named or indexed:
             return f"{_describe(node)} works along the batch dimension"

@@ -201,9 +201,11 @@ def _check_not_mutated(captured: CapturedGraph) -> None:
         if is_view(node):
             owners[node] = owners[first]
         elif mutates_first_argument(node):
-            raise UnsupportedForIncremental(
-                f"'{node.name}' ({node.target}) writes into {owners[first]} in place"
-            )
+            message = f"'{node.name}' ({node.target}) writes into {owners[first]} in place"
+            if owners[first].startswith("'"):  # the model's own state: rules speak first
+                captured.state_writes.append(message)
+            else:
+                raise UnsupportedForIncremental(message)
 
 
 def _redirect_inplace_aliases(nodes: list[fx.Node]) -> None:

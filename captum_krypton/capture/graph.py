@@ -69,6 +69,9 @@ class CapturedGraph:
     constants: dict[fx.Node, Any] = field(default_factory=dict)
     size_exprs: dict[fx.Node, sympy.Expr] = field(default_factory=dict)
     batch_symbols: frozenset = frozenset()
+    #: In-place writes into parameters or buffers (refused once the op rules,
+    #: which say why more precisely, e.g. training mode, have had their say).
+    state_writes: list[str] = field(default_factory=list)
     depends_on_input: set[fx.Node] = field(default_factory=set)
     batch_aligned: set[fx.Node] = field(default_factory=set)
     #: Region plans made for this capture, by what they depend on (engine/occlusion.py).
@@ -110,7 +113,8 @@ class CapturedGraph:
     def align_batch(self, examples: int | None) -> None:
         """Mark the nodes that hold one row per example of the call: the input, the
         additional tensors that are per example (`is_per_example`), and everything
-        computed from them or from the batch's size. Shared tensors keep their clean value in every row."""
+        computed from them or from the batch's size. Shared tensors keep their
+        clean value in every row."""
         aligned = {self.input_node} | set(self.size_exprs)
         aligned |= {
             node

@@ -15,8 +15,8 @@ import torch
 from torch import fx
 
 from captum_krypton.capture import mutates_first_argument, run_node
-from captum_krypton.plan import RegionPlan
 from captum_krypton.kernels import choice, torch_ops, triton_conv_module, triton_module
+from captum_krypton.plan import RegionPlan
 
 
 class Views:

@@ -16,11 +16,11 @@ import torch
 from captum._utils.common import _expand_target, _select_targets
 from captum._utils.typing import TargetType
 
+from captum_krypton.capture import CapturedGraph, UnsupportedForIncremental, evaluate
 from captum_krypton.engine.executor import BatchRun, Views
 from captum_krypton.engine.windows import WindowGrid
-from captum_krypton.capture import CapturedGraph, UnsupportedForIncremental, evaluate
-from captum_krypton.plan import PLANNING_ROWS, RegionPlan, build_plan, check_ops
 from captum_krypton.kernels import use_triton
+from captum_krypton.plan import PLANNING_ROWS, RegionPlan, build_plan, check_ops
 
 #: Default memory for one window batch on the CPU; on CUDA, half the free memory.
 DEFAULT_CPU_MEMORY = 1 << 30

@@ -33,7 +33,6 @@ import torch
 from captum._utils.common import _expand_target, _select_targets
 from captum._utils.typing import TargetType
 
-from captum_krypton.engine.occlusion import PreparedOcclusion, cudnn_autotuning
 from captum_krypton.capture import (
     UnsupportedForIncremental,
     evaluate,
@@ -41,6 +40,7 @@ from captum_krypton.capture import (
     find_batch_coupling,
     find_batch_mixing,
 )
+from captum_krypton.engine.occlusion import PreparedOcclusion, cudnn_autotuning
 
 #: Differences up to this many units in the last place of the output scale are
 #: rounding whatever was measured (each of the two outputs rounds on its own).

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from captum_krypton.ops import Geometry
 from captum_krypton.kernels import torch_ops
+from captum_krypton.ops import Geometry
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,11 @@ class ConvRule(SlidingWindowRule):
             return None
         bn = bind(consumer.node, consumer.args, consumer.kwargs)
         mean, var = bn["running_mean"], bn["running_var"]
-        if bn["training"] or not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+        if (
+            bn["training"]
+            or not isinstance(mean, torch.Tensor)
+            or not isinstance(var, torch.Tensor)
+        ):
             return None
         scale = torch.rsqrt(var + bn["eps"])
         if bn["weight"] is not None:

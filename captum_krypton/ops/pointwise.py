@@ -135,7 +135,8 @@ def _overloads(*names: str) -> list:
 
 
 UNARY_OPS = _overloads(
-    "absolute", "negative", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish",
+    "absolute", "negative", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu",
+    "silu", "mish",
     "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "softplus", "log_sigmoid",
     "prelu", "_prelu_kernel", "threshold", "hardshrink", "softshrink", "rrelu",
     "exp", "expm1", "log", "log1p", "abs", "neg", "sqrt", "rsqrt", "reciprocal", "square",

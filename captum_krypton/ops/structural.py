@@ -30,9 +30,7 @@ class CatRule(OpRule):
 
     def propagate(self, info, spec, in_geoms):
         out = tuple(info.value.shape)
-        return bounding_box(
-            info, in_geoms, lambda node: (out[0], node.meta["shape"][1], *out[2:])
-        )
+        return bounding_box(info, in_geoms, lambda node: (out[0], node.meta["shape"][1], *out[2:]))
 
     def run_box(self, run, info, spec):
         tiles = [run.read_operand(t, info.node) for t in info.node.args[0]]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from captum_krypton.capture import CapturedGraph, UnsupportedForIncremental
+from captum_krypton.capture import CapturedGraph
 from captum_krypton.ops import (
     FULL_RULE,
     FUSED_RULE,
@@ -246,6 +246,8 @@ def check_ops(captured: CapturedGraph) -> None:
         if node.op == "call_function":
             info = NodeInfo(node, node.args, node.kwargs, None, node in captured.depends_on_input)
             rule_for(node).check(info)
+    if captured.state_writes:
+        raise UnsupportedForIncremental(captured.state_writes[0])
 
 
 def _fuse_into_producers(nodes: dict[fx.Node, NodePlan]) -> None:
