@@ -12,14 +12,43 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import fx
 
-if TYPE_CHECKING:  # pragma: no cover
-    from captum_krypton.engine.executor import BatchRun
+
+class BoxRun(Protocol):
+    """What a rule may ask of one batch of windows (the engine's BatchRun): the
+    boxes' starts and size, reads over (box | clean view | padding), operand
+    values, and running an op. Rules never import the engine."""
+
+    rows: int
+    device: torch.device
+    use_triton: bool
+    views: Any  # the clean run's values and device constants
+    plan: Any  # the region plan being run
+
+    def starts(self, node: fx.Node) -> torch.Tensor: ...
+    def size(self, node: fx.Node) -> tuple[int, ...]: ...
+    def clean_value(self, node: fx.Node) -> Any: ...
+    def operand_value(self, node: fx.Node) -> Any: ...
+    def full_value(self, node: fx.Node) -> Any: ...
+    def read(
+        self, node: fx.Node, starts: torch.Tensor, size: tuple[int, ...], **pad: Any
+    ) -> torch.Tensor: ...
+    def read_at(self, node: fx.Node, target: fx.Node) -> torch.Tensor: ...
+    def read_operand(self, node: fx.Node, target: fx.Node) -> Any: ...
+    def call(self, node: fx.Node, args: tuple, kwargs: dict) -> Any: ...
+    def run_node_full(self, node: fx.Node) -> Any: ...
+    def boxed(self, node: fx.Node) -> bool: ...
+    def mutates(self, node: fx.Node) -> bool: ...
+    def owned(self, node: fx.Node, tensor: torch.Tensor) -> torch.Tensor: ...
+    def fastest(self, key: Any, candidates: dict) -> Any: ...
+    def conv_region(
+        self, node: fx.Node, starts: torch.Tensor, out_size: tuple[int, ...], spec: Any
+    ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -105,10 +134,10 @@ class OpRule:
         """Input positions read per row to compute the box (for the cost model)."""
         return geometry.volume
 
-    def run_box(self, run: BatchRun, info: NodeInfo, spec: Any) -> torch.Tensor:
+    def run_box(self, run: BoxRun, info: NodeInfo, spec: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def run_full(self, run: BatchRun, info: NodeInfo) -> Any:
+    def run_full(self, run: BoxRun, info: NodeInfo) -> Any:
         return run.run_node_full(info.node)
 
     def flops(self, info: NodeInfo) -> float:

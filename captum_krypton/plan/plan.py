@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from captum_krypton.capture import CapturedGraph
+from captum_krypton.capture import CapturedGraph, UnsupportedForIncremental
 from captum_krypton.ops import (
     FULL_RULE,
     FUSED_RULE,
