@@ -111,7 +111,9 @@ def test_with_the_self_check_an_engine_error_gives_captums_result(monkeypatch):
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
-def test_a_forward_replaced_on_a_layer_runs_on_captums_path():
+def test_a_forward_replaced_on_a_layer_is_captured_as_the_code_it_runs():
+    """A layer's forward patched on the instance runs in the capture as it is:
+    the result is incremental and equal to Captum's."""
     model = models.small_cnn()
     seen = []
     original = model.conv2.forward
@@ -124,7 +126,7 @@ def test_a_forward_replaced_on_a_layer_runs_on_captums_path():
     inputs = torch.randn(1, 3, 12, 12)
     args = dict(sliding_window_shapes=(3, 4, 4), strides=4, target=0)
     expected = Occlusion(model).attribute(inputs, **args)
-    with pytest.warns(UserWarning, match="forward replaced"):
-        actual = IncrementalOcclusion(model).attribute(inputs, **args)
+    explainer = IncrementalOcclusion(model)
+    actual = explainer.attribute(inputs, engine="incremental", **args)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
-    assert seen
+    assert seen and explainer.last_run.engine == "incremental"

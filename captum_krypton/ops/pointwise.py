@@ -138,11 +138,11 @@ UNARY_OPS = _overloads(
     "absolute", "negative", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu",
     "silu", "mish",
     "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "softplus", "log_sigmoid",
-    "prelu", "_prelu_kernel", "threshold", "hardshrink", "softshrink", "rrelu",
+    "prelu", "_prelu_kernel", "threshold", "hardshrink", "softshrink",
     "exp", "expm1", "log", "log1p", "abs", "neg", "sqrt", "rsqrt", "reciprocal", "square",
     "sign", "erf", "sin", "cos", "clamp", "clamp_min", "clamp_max", "clip", "nan_to_num",
     "_to_copy", "clone", "detach", "alias", "contiguous", "lift_fresh_copy",
-    "zeros_like", "ones_like", "full_like", "empty_like", "logical_not",
+    "zeros_like", "ones_like", "full_like", "logical_not",
 )  # fmt: skip
 UNARY_OPS += [aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.type_as.default]
 #: Ops of several operands, every overload (a Python number as an operand is fine),
