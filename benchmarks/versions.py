@@ -74,7 +74,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for model in args.models:
             for tree in args.trees:
-                env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
+                path = [os.path.abspath(tree), os.environ.get("PYTHONPATH", "")]
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
                 child = [sys.executable, __file__, "--trees", *args.trees, "--child"]
                 child += [model, str(MODELS[model]), "--stride", str(args.stride)]
                 out = subprocess.run(child, env=env, capture_output=True, text=True)

@@ -67,14 +67,18 @@ def small_cnn(cls=SmallCNN, *args) -> nn.Module:
     return model.eval()
 
 
+@torch.library.custom_op("krypton_tests::fail_on_large_batch", mutates_args=())
 def fail_on_large_batch(x: torch.Tensor, limit: int) -> torch.Tensor:
-    """Raises once a batch holds more than `limit` rows (an fx leaf, so it traces)."""
+    """Raises once a batch holds more than `limit` rows: an opaque op, captured as
+    one node, that fails at run time (as a layer failing midway would)."""
     if x.shape[0] > limit:
         raise RuntimeError(f"batch of {x.shape[0]} is too large")
-    return x
+    return x.clone()
 
 
-torch.fx.wrap("fail_on_large_batch")
+@fail_on_large_batch.register_fake
+def _(x: torch.Tensor, limit: int) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 class FailsMidwayCNN(SmallCNN):

@@ -40,7 +40,7 @@ def test_torchvision_model_runs_incrementally(name):
     model = _torchvision_model(name)
     plan = IncrementalOcclusion(model).plan(torch.randn(1, 3, 64, 64), (3, 8, 8), strides=4)
     table = plan.table()
-    convs = [row for row in table if row["op"] == "Conv2d"]
+    convs = [row for row in table if row["op"] == "conv2d"]
     assert convs[0]["mode"] == "box" and convs[1]["mode"] == "box"
     assert table[-1]["mode"] == "full"  # the classifier sees the whole map
     assert plan.theoretical_speedup > 1.2

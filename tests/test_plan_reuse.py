@@ -20,8 +20,12 @@ def _check(occlusion, model, inputs):
 
 
 def _plans(occlusion):
-    (captured,) = occlusion._captures.values()
-    return captured.plans
+    """Every plan the instance holds (a capture per input shape)."""
+    return {
+        (key, plan_key): plan
+        for key, captured in occlusion._captures.items()
+        for plan_key, plan in captured.plans.items()
+    }
 
 
 def test_same_shapes_reuse_the_plan_with_new_values():

@@ -225,7 +225,7 @@ BATCH_MIXING = [
         SoftmaxOverBatch(),
         torch.randn(1, 2, 4),
         dict(sliding_window_shapes=(1, 2), target=3),
-        "batch of windows vs one at a time",
+        "works along the batch dimension",
     ),
 ]
 

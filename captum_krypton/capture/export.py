@@ -131,6 +131,10 @@ def capture(
         constants=constants,
     )
     _find_batch_symbols(captured, inputs.shape[0])
+    for symbol in captured.batch_symbols:
+        limit = _finite(getattr(exported.range_constraints.get(symbol), "upper", None))
+        if limit is not None:
+            captured.max_rows = min(limit, captured.max_rows or limit)
     _check_not_mutated(captured)
     _redirect_inplace_aliases(nodes)
     for node in nodes:
@@ -140,6 +144,14 @@ def capture(
             captured.depends_on_input.add(node)
     captured.align_batch(inputs.shape[0])
     return captured
+
+
+def _finite(bound: Any) -> int | None:
+    """A range bound as an int, None where it is infinite or missing."""
+    try:
+        return int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
 
 
 def _symbol_of(value: Any) -> Any:

@@ -69,6 +69,9 @@ class CapturedGraph:
     constants: dict[fx.Node, Any] = field(default_factory=dict)
     size_exprs: dict[fx.Node, sympy.Expr] = field(default_factory=dict)
     batch_symbols: frozenset = frozenset()
+    #: The most rows the model's own Python allows in a batch (the capture's
+    #: range of the batch symbol, e.g. from `if x.shape[0] > 64: raise`); None: any.
+    max_rows: int | None = None
     #: In-place writes into parameters or buffers (refused once the op rules,
     #: which say why more precisely, e.g. training mode, have had their say).
     state_writes: list[str] = field(default_factory=list)

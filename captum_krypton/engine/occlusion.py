@@ -193,6 +193,8 @@ class PreparedOcclusion:
             rows = MAX_CUDA_ROWS_WHOLE_MODEL if self.plan.rerun_whole_model else MAX_CUDA_ROWS
             windows = min(windows, rows // num_examples)
             windows = 1 << (max(windows, 1).bit_length() - 1)  # a power of two
+        if self.captured.max_rows is not None:  # the model's own limit on its batch
+            windows = min(windows, self.captured.max_rows // num_examples)
         return int(max(1, min(self.grid.num_windows, windows)))
 
     def input_tiles(self, run: BatchRun) -> torch.Tensor:
