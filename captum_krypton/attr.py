@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, Literal
 
-import captum
 import numpy as np
 import torch
 from captum._utils.common import (
@@ -47,6 +43,7 @@ from captum_krypton.engine.progressive import OcclusionProgress, OcclusionReport
 from captum_krypton.engine.self_check import SelfCheckFailed, WindowCheck, prepare_checks
 from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.engine.workers import WorkerPool, WorkerUnavailable
+from captum_krypton.errors import FallbackWarning, IncrementalNotApplicable, OnceWarnings
 from captum_krypton.graph.capture import (
     CapturedGraph,
     UnsupportedForIncremental,
@@ -59,14 +56,6 @@ from captum_krypton.graph.plan import PLANNING_ROWS, RegionPlan
 logger = logging.getLogger(__name__)
 
 Engine = Literal["auto", "incremental", "captum"]
-
-
-class FallbackWarning(UserWarning):
-    """IncrementalOcclusion ran Captum's own Occlusion; the message says why."""
-
-
-class IncrementalNotApplicable(RuntimeError):
-    """engine="incremental" was asked for, but the model or arguments rule it out."""
 
 
 def _verify_windows(
@@ -189,25 +178,6 @@ def _captum_window_count(inputs: Any, sliding_window_shapes: Any, strides: Any) 
     )
 
 
-#: Frames in these packages are not the caller's: a warning points past them.
-_OWN_PACKAGES = (
-    os.path.dirname(os.path.abspath(__file__)) + os.sep,
-    os.path.dirname(os.path.abspath(captum.__file__)) + os.sep,
-)
-
-
-def _caller_stacklevel() -> int:
-    """The `stacklevel` for warnings.warn, called from this module, that points at
-    the first frame outside this package and Captum (the user's call), however
-    deep the call came (attribute, attribute_stream, NoiseTunnel, the widget)."""
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(_OWN_PACKAGES):
-        frame = frame.f_back
-        level += 1
-    return level
-
-
 def _as_check_failure(error: Exception) -> SelfCheckFailed:
     """An error of the engine's run, as the self-check reports it."""
     if isinstance(error, SelfCheckFailed):
@@ -230,7 +200,7 @@ class IncrementalOcclusion(Occlusion):
     def __init__(self, forward_func: Callable[..., Tensor]) -> None:
         super().__init__(forward_func)
         self._captures: dict[tuple, CapturedGraph] = {}
-        self._warned: set[str] = set()
+        self._warnings = OnceWarnings()
         #: What the last `attribute` call did (None before the first).
         self.last_run: OcclusionReport | None = None
         self._replicas = Replicas()
@@ -835,19 +805,13 @@ class IncrementalOcclusion(Occlusion):
         self._worker_pool.close()
 
     def _warn_once(self, message: str, category: type[Warning]) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
-            warnings.warn(message, category, stacklevel=_caller_stacklevel())
+        self._warnings.warn(message, category)
 
     def _warn_fallback(self, reason: str) -> None:
         logger.info("IncrementalOcclusion falls back to Captum's Occlusion: %s", reason)
-        if reason not in self._warned:
-            self._warned.add(reason)
-            warnings.warn(
-                f"IncrementalOcclusion runs Captum's Occlusion instead: {reason}",
-                FallbackWarning,
-                stacklevel=_caller_stacklevel(),
-            )
+        self._warnings.warn(
+            f"IncrementalOcclusion runs Captum's Occlusion instead: {reason}", FallbackWarning
+        )
 
     def _prepare(
         self,
