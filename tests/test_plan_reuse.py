@@ -20,7 +20,7 @@ def _check(occlusion, model, inputs):
 
 
 def _plans(occlusion):
-    (captured,) = occlusion._captures.values()
+    (captured,) = occlusion._preparer.captures.values()
     return captured.plans
 
 
