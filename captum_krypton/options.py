@@ -49,9 +49,10 @@ class OcclusionOptions:
         """The checks of `attribute`'s keywords, with its messages (tau, drilldown
         and drilldown_factor are checked by Approximation, windows_per_batch by
         EngineSettings)."""
+        asked = self.approximation
+        approximation_set = asked.tau != 1.0 or asked.drilldown is not None
         if self.devices is not None:
-            approximate = self.approximation.tau != 1.0 or self.approximation.drilldown is not None
-            if approximate or self.target_ssim is not None or self.region:
+            if approximation_set or self.target_ssim is not None or self.region:
                 raise ValueError(
                     "devices= runs exact occlusion: no tau, drilldown, target_ssim or region"
                 )
@@ -59,7 +60,7 @@ class OcclusionOptions:
                 raise ValueError("devices must name at least one device")
         if self.target_ssim is not None:
             check_target_ssim(self.target_ssim)
-            if self.approximation.tau != 1.0 or self.approximation.drilldown is not None:
+            if approximation_set:
                 raise ValueError("target_ssim chooses tau and drilldown: leave them unset")
         if self.region is not None and (self.drilling or self.target_ssim is not None):
             raise ValueError("region computes the windows inside it: not with drill-down")
@@ -94,7 +95,12 @@ class OcclusionOptions:
         return cls(
             engine=engine,
             settings=EngineSettings(
-                full_threshold, kernels, cuda_graphs, max_memory, windows_per_batch, self_check
+                full_threshold=full_threshold,
+                kernels=kernels,
+                cuda_graphs=cuda_graphs,
+                max_memory=max_memory,
+                windows_per_batch=windows_per_batch,
+                self_check=self_check,
             ),
             approximation=Approximation(tau, drilldown, drilldown_factor),
             target_ssim=target_ssim,
