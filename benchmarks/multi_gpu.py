@@ -23,10 +23,10 @@ import time
 import torch
 import torchvision
 
-import captum_krypton.attr
 from captum_krypton import IncrementalOcclusion
+from captum_krypton.parallel import sharded
 
-real_uses_workers = captum_krypton.attr._uses_workers
+real_uses_workers = sharded.uses_workers
 
 
 def timed(fn, calls: int) -> tuple[float, torch.Tensor]:
@@ -80,7 +80,7 @@ def main() -> None:
             return occlusion.attribute(images, **options, **kwargs)
 
         def all_gpus(options=options, label=label):
-            captum_krypton.attr._uses_workers = (
+            sharded.uses_workers = (
                 (lambda devices: False) if label == "threads" else real_uses_workers
             )
             return occlusion.attribute(images, devices=gpus, **options, **kwargs)

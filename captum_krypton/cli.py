@@ -113,9 +113,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def attribute(args: argparse.Namespace) -> int:
     """Attribute every item of a data set (this rank's share under torchrun)."""
-    from captum_krypton.distributed import run
+    from captum_krypton import IncrementalOcclusion
+    from captum_krypton.parallel.distributed import run
 
-    run(args.model, args.data, args.out, args.window, args.stride, args.target)
+    run(
+        args.model,
+        args.data,
+        args.out,
+        args.window,
+        args.stride,
+        args.target,
+        make_occlusion=IncrementalOcclusion,
+    )
     return 0
 
 

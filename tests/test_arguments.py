@@ -184,7 +184,7 @@ def test_progress_bar_counts_windows(model, monkeypatch):
         kwargs["mininterval"] = 0
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("captum_krypton.attr.progress", to_stream)
+    monkeypatch.setattr("captum_krypton.reports.progress", to_stream)
     IncrementalOcclusion(model).attribute(
         torch.randn(1, 3, 16, 16),
         (3, 4, 4),

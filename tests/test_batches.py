@@ -58,9 +58,9 @@ def test_repeated_runs_on_the_cpu_are_identical():
 def test_more_examples_than_one_run_takes_are_split_into_chunks(monkeypatch):
     """Past EXAMPLES_PER_RUN examples a call runs in chunks of examples; per-example
     targets, baselines and additional arguments go with their examples."""
-    from captum_krypton import attr
+    from captum_krypton import chunks
 
-    monkeypatch.setattr(attr, "EXAMPLES_PER_RUN", 64)
+    monkeypatch.setattr(chunks, "EXAMPLES_PER_RUN", 64)
     model = models.small_cnn(models.ScaledCNN)
     torch.manual_seed(4)
     inputs = torch.randn(150, 3, 10, 10)

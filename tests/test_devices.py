@@ -69,9 +69,9 @@ def test_cancel_and_errors_with_devices():
 def cpu_workers(monkeypatch):
     """Worker processes for CPU "devices" too (on GPUs they serve every GPU after
     the first): the same code path as on GPUs, run where CI runs."""
-    import captum_krypton.attr
+    from captum_krypton.parallel import sharded
 
-    monkeypatch.setattr(captum_krypton.attr, "_uses_workers", lambda devices: len(devices) > 1)
+    monkeypatch.setattr(sharded, "uses_workers", lambda devices: len(devices) > 1)
 
 
 def test_worker_processes_equal_one_device_and_captum(cpu_workers):
@@ -84,7 +84,7 @@ def test_worker_processes_equal_one_device_and_captum(cpu_workers):
     devices = ["cpu", "cpu", "cpu"]  # this process and two workers
     single = occlusion.attribute(inputs, windows_per_batch=4, **args)
     shared = occlusion.attribute(inputs, devices=devices, windows_per_batch=4, **args)
-    workers = list(occlusion._worker_pool._workers.values())
+    workers = list(occlusion._sharded.pool._workers.values())
     assert len(workers) == 2 and all(w.process.poll() is None for w in workers)
     torch.testing.assert_close(shared, single, rtol=0, atol=1e-6)
     expected = Occlusion(model).attribute(inputs, perturbations_per_eval=8, **args)
@@ -128,7 +128,7 @@ def test_worker_processes_equal_one_device_and_captum(cpu_workers):
         occlusion.attribute(inputs, devices=devices, **args), changed, rtol=0, atol=1e-6
     )
 
-    workers = list(occlusion._worker_pool._workers.values())
+    workers = list(occlusion._sharded.pool._workers.values())
     occlusion.close()
     assert all(w.process.wait(timeout=30) == 0 for w in workers)
 
@@ -157,4 +157,4 @@ def test_a_model_workers_cannot_load_runs_in_threads(cpu_workers, monkeypatch):
         shared = occlusion.attribute(inputs, target=1, devices=["cpu", "cpu"], **ARGS)
     expected = Occlusion(model).attribute(inputs, target=1, **ARGS)
     torch.testing.assert_close(shared, expected, rtol=0, atol=1e-5)
-    assert not occlusion._worker_pool._workers
+    assert not occlusion._sharded.pool._workers

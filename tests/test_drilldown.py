@@ -40,7 +40,7 @@ def test_interpolation_is_exact_at_known_points_and_linear_between():
 def test_interpolating_a_linear_field_over_the_grid_reproduces_it():
     grid = WindowGrid((3, 20, 17), (3, 4, 4), (3, 2, 2))
     counts = grid.counts
-    lattice = dd.coarse_lattice(grid, 3)
+    lattice = dd.coarse_lattice(counts, 3)
     c, y, x = np.meshgrid(*(np.arange(n) for n in counts), indexing="ij")
     linear = torch.from_numpy(np.stack([2.0 * y - 0.5 * x + 1, y + x], axis=-1).reshape(-1, 2))
     ids = dd.window_ids(counts, lattice)

@@ -182,12 +182,12 @@ def test_cuda_many_images_equal_per_image_calls(exact_cuda_math):
 def test_two_gpus_equal_one(exact_cuda_math, sharing, monkeypatch):
     """Default: a worker process computes cuda:1's shard. Threads (when workers are
     unavailable): one thread per GPU, each replaying a CUDA graph of its own."""
-    import captum_krypton.attr
     from captum_krypton import IncrementalOcclusion
     from captum_krypton.engine.occlusion import GraphedBatch
+    from captum_krypton.parallel import sharded
 
     if sharing == "threads":
-        monkeypatch.setattr(captum_krypton.attr, "_uses_workers", lambda devices: False)
+        monkeypatch.setattr(sharded, "uses_workers", lambda devices: False)
     replays = []
     replay = GraphedBatch.run
     monkeypatch.setattr(
@@ -205,7 +205,7 @@ def test_two_gpus_equal_one(exact_cuda_math, sharing, monkeypatch):
     with torch.no_grad():
         scale = max(one.abs().max().item(), model(inputs).abs().max().item())
     torch.testing.assert_close(two, one, rtol=0, atol=1e-5 * scale)
-    workers = occlusion._worker_pool._workers
+    workers = occlusion._sharded.pool._workers
     if sharing == "workers":
         assert len(workers) == 1 and replays == []
         with torch.no_grad():  # a new model version reaches the worker

@@ -23,7 +23,7 @@ def _plans(occlusion):
     """Every plan the instance holds (a capture per input shape)."""
     return {
         (key, plan_key): plan
-        for key, captured in occlusion._captures.items()
+        for key, captured in occlusion._preparer.captures.items()
         for plan_key, plan in captured.plans.items()
     }
 

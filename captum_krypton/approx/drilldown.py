@@ -17,8 +17,6 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from captum_krypton.engine.windows import WindowGrid
-
 
 def lattice_indices(count: int, factor: int) -> np.ndarray:
     """Every `factor`-th of `count` positions, always with the last one."""
@@ -28,10 +26,10 @@ def lattice_indices(count: int, factor: int) -> np.ndarray:
     return indices
 
 
-def coarse_lattice(grid: WindowGrid, factor: int) -> tuple[np.ndarray, ...]:
-    """Per grid dim, the window indices of the coarse pass: every one along the
-    channel dim, every `factor`-th along spatial dims."""
-    counts = grid.counts
+def coarse_lattice(counts: tuple[int, ...], factor: int) -> tuple[np.ndarray, ...]:
+    """Per dim of a window grid with `counts` windows along each dim (channel
+    first), the window indices of the coarse pass: every one along the channel
+    dim, every `factor`-th along spatial dims."""
     return (np.arange(counts[0]),) + tuple(lattice_indices(c, factor) for c in counts[1:])
 
 

@@ -127,7 +127,7 @@ class ProgressiveRun:
         self._planned = len(ids)
         self._stage: Stage = "exact" if self.approximation.exact else "approximate"
         if drilling:
-            self._lattice = dd.coarse_lattice(grid, self.approximation.drilldown_factor)
+            self._lattice = dd.coarse_lattice(grid.counts, self.approximation.drilldown_factor)
             self._lattice_ids = dd.window_ids(grid.counts, self._lattice)
         check = None
         if self._verify is not None and first.plan.tau == 1.0:  # exact first pass

@@ -140,12 +140,18 @@ def check_window_ids(
 
 
 def check_window_count(prepared: PreparedOcclusion, windows: int) -> int:
-    """How many windows the per-call check recomputes (see CPU_CHECK_SHARE)."""
+    """How many windows the per-call check recomputes (see CPU_CHECK_SHARE), at
+    most as many as fit beside the clean input in a batch the model allows."""
     if prepared.inputs.device.type == "cuda":
-        return MAX_CHECK_WINDOWS
-    forwards = windows / max(prepared.plan.theoretical_speedup, 1.0)
-    affordable = math.floor(CPU_CHECK_SHARE * forwards)
-    return int(min(MAX_CHECK_WINDOWS, max(MIN_CHECK_WINDOWS, affordable)))
+        count = MAX_CHECK_WINDOWS
+    else:
+        forwards = windows / max(prepared.plan.theoretical_speedup, 1.0)
+        affordable = math.floor(CPU_CHECK_SHARE * forwards)
+        count = min(MAX_CHECK_WINDOWS, max(MIN_CHECK_WINDOWS, affordable))
+    limit = prepared.captured.max_rows
+    if limit is not None:
+        count = min(count, max(1, limit // prepared.inputs.shape[0] - 1))
+    return int(count)
 
 
 def occluded_inputs(prepared: PreparedOcclusion, window_ids: np.ndarray) -> torch.Tensor:

@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from captum_krypton.attr import IncrementalOcclusion
+from torch import nn
 
 
 def load_object(spec: str) -> Any:
@@ -104,8 +103,12 @@ def run(
     stride: int,
     target: str = "label",
     log: Callable[[str], None] = print,
+    *,
+    make_occlusion: Callable[[nn.Module], Any],
 ) -> int:
-    """Attribute this rank's share of the data set; returns items written now."""
+    """Attribute this rank's share of the data set; returns items written now.
+    `make_occlusion(model)` gives what attributes: an object with Captum's
+    `Occlusion.attribute` (the command line passes IncrementalOcclusion)."""
     rank = start_rank()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +118,7 @@ def run(
     images, labels = load_data(data_spec)
     if target == "label" and labels is None:
         raise ValueError("the data has no labels: pass --target top or a class index")
-    occlusion = IncrementalOcclusion(model)
+    occlusion = make_occlusion(model)
     mine = [i for i in range(len(images)) if i % rank.world == rank.index]
     todo = [i for i in mine if not item_path(out_dir, i).exists()]
     log(f"rank {rank.index}/{rank.world}: {len(mine)} items, {len(mine) - len(todo)} done before")

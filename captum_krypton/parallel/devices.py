@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from captum_krypton.engine.call import CaptumArguments
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.self_check import BatchBehaviour, WindowCheck
 
@@ -32,6 +33,16 @@ def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, list):
         return [to_device(v, device) for v in value]
     return value
+
+
+def arguments_on(arguments: CaptumArguments, device: torch.device) -> CaptumArguments:
+    """The call's tensors (inputs, baselines, target, additional arguments) on `device`."""
+    return arguments.replace(
+        inputs=to_device(arguments.inputs, device),
+        baselines=to_device(arguments.baselines, device),
+        target=to_device(arguments.target, device),
+        additional_forward_args=to_device(arguments.additional_forward_args, device),
+    )
 
 
 def state_key(module: nn.Module) -> tuple:

@@ -33,8 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from captum_krypton.engine.call import CaptumArguments
+from captum_krypton.engine.preparer import Preparer
+from captum_krypton.engine.settings import EngineSettings
+from captum_krypton.parallel.devices import compute_shard
+
 #: The worker's program (not `-m` of this module, which the package imports).
-_WORKER_MAIN = "import sys; from captum_krypton.engine.workers import serve; serve(sys.argv[1])"
+_WORKER_MAIN = "import sys; from captum_krypton.parallel.workers import serve; serve(sys.argv[1])"
 
 
 class WorkerUnavailable(RuntimeError):
@@ -47,20 +52,9 @@ class ShardJob:
     """What a worker needs for its shard of one call (tensors on the CPU)."""
 
     call: int
-    inputs: Any
-    sliding_window_shapes: Any
-    strides: Any
-    baselines: Any
-    additional_forward_args: Any
-    perturbations_per_eval: int
-    full_threshold: float | None
-    target: Any
-    kernels: str
-    cuda_graphs: bool
-    windows_per_batch: int | None
-    max_memory: int | None
+    arguments: CaptumArguments
+    settings: EngineSettings
     window_ids: np.ndarray
-    self_check: bool = True
     math_settings: dict = field(default_factory=dict)
 
 
@@ -207,14 +201,17 @@ class WorkerPool:
     def run(
         self,
         workers: Sequence[DeviceWorker],
-        jobs: Sequence[dict],
+        arguments: CaptumArguments,
+        settings: EngineSettings,
+        shards: Sequence[np.ndarray],
         local: Callable[[Callable[[], None], Callable[[], bool]], tuple[torch.Tensor, int]],
         on_batch: Callable[[int], None],
         should_stop: Callable[[], bool],
     ) -> tuple[tuple[torch.Tensor, int], list[tuple[torch.Tensor, int]]]:
-        """Start every worker's shard, compute the local one with `local(poll,
-        should_stop)` (poll forwards the workers' progress and a cancel), then
-        collect the workers' rows."""
+        """Start every worker's shard (`shards`, one per worker, of the call
+        `arguments` with tensors on the CPU), compute the local one with
+        `local(poll, should_stop)` (poll forwards the workers' progress and a
+        cancel), then collect the workers' rows."""
         self._calls += 1
         call = self._calls
         pending = set(range(len(workers)))
@@ -245,8 +242,8 @@ class WorkerPool:
                     workers[index].cancel(call)
 
         try:
-            for worker, job in zip(workers, jobs):
-                worker.start(ShardJob(call=call, math_settings=math_settings(), **job))
+            for worker, ids in zip(workers, shards):
+                worker.start(ShardJob(call, arguments, settings, ids, math_settings()))
             local_result = local(poll, lambda: bool(errors) or should_stop())
             poll()
             for index in list(pending):
@@ -279,22 +276,11 @@ def _sendable(exc: BaseException) -> BaseException:
 
 
 def _run_job(
-    sender: Connection, receiver: Connection, occlusion: Any, job: ShardJob, device: torch.device
+    sender: Connection, receiver: Connection, model: nn.Module, preparer: Preparer, job: ShardJob
 ) -> None:
-    from captum_krypton.engine.devices import compute_shard
-
     _apply_math_settings(job.math_settings)
-    ready = occlusion._prepare(
-        job.inputs,
-        job.sliding_window_shapes,
-        job.strides,
-        job.baselines,
-        job.additional_forward_args,
-        job.perturbations_per_eval,
-        job.full_threshold,
-        self_check=job.self_check,
-    )
-    ready.choose_kernels(job.kernels, job.cuda_graphs)
+    settings = job.settings
+    ready = settings.choose_kernels(preparer.prepare(model, job.arguments, settings))
     stop = False
 
     def on_batch(count: int) -> None:
@@ -305,9 +291,14 @@ def _run_job(
             if message == b"stop_" + str(job.call).encode():
                 stop = True
 
-    batch = job.windows_per_batch or ready.windows_per_batch(job.max_memory)
     result = compute_shard(
-        ready, job.window_ids, job.target, batch, on_batch, lambda: stop, ready.batch_behaviour
+        ready,
+        job.window_ids,
+        job.arguments.target,
+        settings.batch_size(ready),
+        on_batch,
+        lambda: stop,
+        ready.batch_behaviour,
     )
     sender.send(("done", _to_bytes(result)))
 
@@ -319,12 +310,11 @@ def serve(device_name: str) -> None:
     os.dup2(2, 1)
     receiver = Connection(os.dup(0), writable=False)
     sender = Connection(channel, readable=False)
-    from captum_krypton.attr import IncrementalOcclusion
-
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    occlusion = None
+    model: nn.Module | None = None
+    preparer = Preparer()
     while True:
         try:
             message = receiver.recv_bytes()
@@ -337,12 +327,12 @@ def serve(device_name: str) -> None:
             continue
         try:
             if kind == b"model":
-                occlusion = IncrementalOcclusion(_from_bytes(payload, device))
+                model, preparer = _from_bytes(payload, device), Preparer()
                 sender.send(("ready", None))
             elif kind == b"run__":
-                if occlusion is None:
+                if model is None:
                     raise RuntimeError("no model was sent")
-                _run_job(sender, receiver, occlusion, _from_bytes(payload, device), device)
+                _run_job(sender, receiver, model, preparer, _from_bytes(payload, device))
         except BaseException as exc:  # reported to the caller, which raises it
             sender.send(("error" if kind == b"run__" else "failed", _sendable(exc)))
             if isinstance(exc, KeyboardInterrupt):
