@@ -15,8 +15,16 @@ import torch
 from torch import fx
 
 from captum_krypton.capture import mutates_first_argument, run_node
-from captum_krypton.kernels import choice, torch_ops, triton_conv_module, triton_module
+from captum_krypton.kernels import choice, region_kernels, torch_ops, triton_conv_module
 from captum_krypton.plan import RegionPlan
+
+
+def _memory_format(value: torch.Tensor) -> torch.memory_format:
+    if value.dim() == 4 and value.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if value.dim() == 5 and value.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 class Views:
@@ -97,6 +105,7 @@ class BatchRun:
         self._input_tiles = input_tiles
         self._extra_inputs = extra_inputs
         self.use_triton = use_triton
+        self.kernels = region_kernels(use_triton)
 
     # ------------------------------------------------------------ geometry
     def starts(self, node: fx.Node) -> torch.Tensor:
@@ -143,23 +152,23 @@ class BatchRun:
         pad_lo = tuple(pad_lo or (0,) * ndim)
         pad_hi = tuple(pad_hi or (0,) * ndim)
         boxed = self.plan.nodes[node].mode == "box"
+        box_starts = self.starts(node) if boxed else None
         if self.use_triton:  # one pass: box, view and padding together
-            return triton_module().compose_region(
-                self.views.channels_last(node).movedim(-1, 1),
-                self.example,
-                starts,
-                size,
-                pad_value,
-                self.values[node] if boxed else None,
-                self.starts(node) if boxed else None,
-            )
-        source = self.views.channels_last(node, pad_lo, pad_hi, pad_value)
-        shift = self.views.constant(pad_lo, self.device)
-        tile = torch_ops.gather_tiles(source, self.example, starts + shift, size)
-        if boxed:
-            box = self.values[node].movedim(1, -1)
-            tile = torch_ops.overlay_box(tile, starts, box, self.starts(node))
-        return tile.movedim(-1, 1)
+            view = self.views.channels_last(node)
+        else:  # the torch reference reads a copy padded once, so its rows stay in the map
+            view = self.views.channels_last(node, pad_lo, pad_hi, pad_value)
+            shift = self.views.constant(pad_lo, self.device)
+            starts = starts + shift
+            box_starts = box_starts + shift if boxed else None
+        return self.kernels.compose_region(
+            view.movedim(-1, 1),
+            self.example,
+            starts,
+            size,
+            pad_value,
+            self.values[node] if boxed else None,
+            box_starts,
+        )
 
     def boxed(self, node: fx.Node) -> bool:
         return self.plan.nodes[node].mode == "box"
@@ -242,25 +251,21 @@ class BatchRun:
         if plan.mode == "box":
             # In the clean value's own memory format: models may `.view` it.
             clean = self.clean_value(node)
-            if self.use_triton:
-                value = torch.empty(
-                    (self.rows, *clean.shape[1:]), dtype=clean.dtype, device=clean.device
-                )
-                starts = torch.zeros_like(self.starts(node))
-                triton_module().compose_region(
-                    clean,
-                    self.example,
-                    starts,
-                    tuple(clean.shape[2:]),
-                    0.0,
-                    self.values[node],
-                    self.starts(node),
-                    out=value,
-                )
-            else:
-                value = clean[self.example]
-                box = self.values[node].movedim(1, -1)
-                torch_ops.scatter_boxes(value.movedim(1, -1), box, self.starts(node))
+            value = torch.empty(
+                (self.rows, *clean.shape[1:]), dtype=clean.dtype, device=clean.device
+            )
+            if not self.use_triton and clean.dim() in (4, 5):
+                value = value.contiguous(memory_format=_memory_format(clean))
+            self.kernels.compose_region(
+                clean,
+                self.example,
+                torch.zeros_like(self.starts(node)),
+                tuple(clean.shape[2:]),
+                0.0,
+                self.values[node],
+                self.starts(node),
+                out=value,
+            )
         elif plan.mode == "full":
             value = self.values[node]
         elif node.meta["batch_aligned"]:

@@ -1,8 +1,16 @@
-"""Kernels of the engine: torch ops everywhere, Triton kernels on CUDA."""
+"""Kernels of the engine: torch ops everywhere, Triton kernels on CUDA.
+
+`region_kernels` is the one place that chooses between them. Both backends have
+the same functions with the same arguments and math: `compose_region` (a region
+of each row read over box | clean view | padding) and `conv_region` (a conv over
+such a region). The torch ones are the references the Triton kernels are tested
+against (tests/test_triton_kernels.py), and the CPU path runs them.
+"""
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -27,6 +35,15 @@ def use_triton(choice: str, device: torch.device) -> bool:
             raise RuntimeError("kernels='triton' needs the triton package")
         return True
     return device.type == "cuda" and triton_importable()
+
+
+def region_kernels(triton: bool) -> Any:
+    """The module whose `compose_region` the engine calls: Triton's or torch's."""
+    if triton:
+        return triton_module()
+    from captum_krypton.kernels import torch_ops
+
+    return torch_ops
 
 
 def triton_module():
