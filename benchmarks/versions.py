@@ -83,27 +83,30 @@ def main() -> None:
                     print(out.stderr[-2000:], file=sys.stderr)
                     continue
                 runs[model][tree].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            report(args, runs)  # after every model: a run cut short keeps what it measured
+
+
+def report(args: argparse.Namespace, runs: dict) -> None:
+    """Best of the rounds per tree: a markdown table on stdout and the JSON file."""
+    import torch
+
     old, new = args.trees
     rows = []
-    print(f"| model | {old} s | {new} s | new/old | first call {old} | first call {new} |")
-    print("|---|---|---|---|---|---|")
-    for model in args.models:
-        best = {
-            t: min((r["seconds"] for r in runs[model][t]), default=float("nan")) for t in (old, new)
-        }
-        first = {
-            t: min((r["first_call_seconds"] for r in runs[model][t]), default=float("nan"))
-            for t in (old, new)
-        }
-        rows.append(
-            {"model": model, "seconds": best, "first_call_seconds": first, "runs": runs[model]}
-        )
-        print(
+    lines = [
+        f"| model | {old} s | {new} s | new/old | first call {old} | first call {new} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, by_tree in runs.items():
+        if not all(by_tree.values()):
+            continue
+        best = {t: min(r["seconds"] for r in by_tree[t]) for t in (old, new)}
+        first = {t: min(r["first_call_seconds"] for r in by_tree[t]) for t in (old, new)}
+        rows.append({"model": model, "seconds": best, "first_call_seconds": first, "runs": by_tree})
+        lines.append(
             f"| {model} | {best[old]:.4f} | {best[new]:.4f} | {best[new] / best[old]:.3f} "
             f"| {first[old]:.1f} | {first[new]:.1f} |"
         )
-    import torch
-
+    print("\n".join(lines), flush=True)
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

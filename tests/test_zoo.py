@@ -72,42 +72,16 @@ MAX_SENSITIVITY = 1e-6
 #: Architectures not run, by case id, with the reason.
 SKIPPED: dict[str, str] = {}
 
-_NO_TRACE = "torch.fx could not trace the model"
-_SAME_PADDING = "timm's 'same' padding branches on the input size (layers/padding.py)"
 _MERGES = "merges the batch dimension"
 _WINDOWS = "attention folds windows or heads into the batch dimension (view/reshape)"
 
 #: Architectures where the engine does not apply, by case id: a substring of the
 #: IncrementalNotApplicable message, and why that is expected.
 DOCUMENTED_FALLBACKS: dict[str, tuple[str, str]] = {
-    "timm:tf_efficientnet_b0": (_NO_TRACE, _SAME_PADDING),
-    "timm:tf_efficientnetv2_b0": (_NO_TRACE, _SAME_PADDING),
-    "timm:tf_mixnet_s": (_NO_TRACE, _SAME_PADDING),
-    "timm:tf_mobilenetv3_small_minimal_100": (_NO_TRACE, _SAME_PADDING),
-    "timm:dm_nfnet_f0": (_NO_TRACE, _SAME_PADDING),
-    "timm:vgg11_bn": (_NO_TRACE, "ConvMlp compares the input size with its kernel"),
-    "timm:efficientvit_b0": (_NO_TRACE, "attention branches on the tensor's device type"),
-    "timm:efficientvit_m0": (_NO_TRACE, "attention branches on the map size"),
-    "timm:mobilevit_xxs": (_NO_TRACE, "resizes when the map is not a multiple of the patch"),
-    "timm:mobilevitv2_050": (_NO_TRACE, "resizes when the map is not a multiple of the patch"),
-    "timm:tiny_vit_5m_224": (_NO_TRACE, "attention branches on the map size"),
-    "timm:crossvit_tiny_240": (_NO_TRACE, "resizes when the input is not its image size"),
-    "timm:nest_tiny": (_NO_TRACE, "int() of a traced value (grid size)"),
-    "timm:bat_resnext26ts": (_NO_TRACE, "non-local attention branches on the map size"),
-    "timm:botnet26t_256": (_MERGES, _WINDOWS),
-    "timm:sebotnet33ts_256": (_MERGES, _WINDOWS),
-    "timm:halonet26t": (_MERGES, _WINDOWS),
-    "timm:maxvit_pico_rw_256": (_MERGES, _WINDOWS),
-    "timm:swin_tiny_patch4_window7_224": (_MERGES, _WINDOWS),
-    "timm:gcvit_xxtiny": (_MERGES, _WINDOWS),
-    "timm:davit_tiny": (_MERGES, _WINDOWS),
-    "timm:hiera_tiny_224": (_MERGES, _WINDOWS),
-    "timm:levit_128s": (_MERGES, "attention flattens batch and tokens"),
-    "timm:sequencer2d_s": (_MERGES, "its LSTMs run on rows and columns folded into the batch"),
-    "timm:fasternet_t0": (
-        "has its forward replaced",
-        "partial convolution assigns self.forward on the instance: Captum's path by design",
-    ),
+    "torchvision:swin_t": (_MERGES, _WINDOWS),
+    "timm:mobilevit_xxs": (_MERGES, "unfolds patches into the batch dimension"),
+    "timm:tiny_vit_5m_224": (_MERGES, _WINDOWS),
+    "timm:bat_resnext26ts": (_MERGES, "non-local attention folds groups into the batch"),
 }
 
 ALL_CASES = [*TORCHVISION_CASES, *TIMM_CASES]

@@ -34,6 +34,7 @@ from captum_krypton.capture.graph import (
     CapturedGraph,
     UnsupportedForIncremental,
     mutates_first_argument,
+    value_inputs,
 )
 
 #: Ops that only check what the capture already knows (shapes, dtypes): dropped.
@@ -136,12 +137,8 @@ def capture(
         if limit is not None:
             captured.max_rows = min(limit, captured.max_rows or limit)
     _check_not_mutated(captured)
-    _redirect_inplace_aliases(nodes)
-    for node in nodes:
-        if node in captured.size_exprs:
-            continue
-        if node is input_node or any(a in captured.depends_on_input for a in node.all_input_nodes):
-            captured.depends_on_input.add(node)
+    _redirect_inplace_aliases(nodes, _sees_input(captured))
+    captured.depends_on_input = _sees_input(captured)
     captured.align_batch(inputs.shape[0])
     return captured
 
@@ -220,9 +217,12 @@ def _check_not_mutated(captured: CapturedGraph) -> None:
                 raise UnsupportedForIncremental(message)
 
 
-def _redirect_inplace_aliases(nodes: list[fx.Node]) -> None:
+def _redirect_inplace_aliases(nodes: list[fx.Node], sees_input: set[fx.Node]) -> None:
     """After `relu_(a)`, later readers of `a` see the new values: point them at the
-    in-place node, so every node can then run out of place with the same results."""
+    in-place node, so every node that sees the input can then run out of place
+    (on a copy) with the same results. Such a write into a view of a tensor read
+    again later cannot be run on a copy: refused. Ops that do not see the input
+    (a mask built with slice writes) run in place, as the model runs them."""
     position = {node: i for i, node in enumerate(nodes)}
     for node in nodes:
         if node.op != "call_function" or not mutates_first_argument(node):
@@ -230,16 +230,26 @@ def _redirect_inplace_aliases(nodes: list[fx.Node]) -> None:
         target = node.args[0] if node.args else None
         if not isinstance(target, fx.Node):
             continue
-        base = target
-        while is_view(base) and isinstance(base.args[0], fx.Node):
-            base = base.args[0]
-            if any(position[u] > position[node] for u in base.users if not is_view(u)):
-                raise UnsupportedForIncremental(
-                    f"'{node.name}' writes in place into a view of '{base.name}', read later"
-                )
+        if target in sees_input:
+            base = target
+            while is_view(base) and isinstance(base.args[0], fx.Node):
+                base = base.args[0]
+                if any(position[u] > position[node] for u in base.users):
+                    raise UnsupportedForIncremental(
+                        f"'{node.name}' writes in place into a view of '{base.name}', read later"
+                    )
         for user in list(target.users):
             if user is not node and position[user] > position[node]:
                 user.replace_input_with(target, node)
+
+
+def _sees_input(captured: CapturedGraph) -> set[fx.Node]:
+    """Nodes computed from the occluded input (sizes aside)."""
+    sees = {captured.input_node}
+    for node in captured.nodes:
+        if node not in captured.size_exprs and any(a in sees for a in value_inputs(node)):
+            sees.add(node)
+    return sees
 
 
 def trace_cache_key(inputs: torch.Tensor, additional_args: Sequence[Any]) -> tuple:

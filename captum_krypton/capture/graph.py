@@ -125,9 +125,24 @@ class CapturedGraph:
             if is_per_example(value, examples)
         }
         for node in self.nodes:
-            if any(a in aligned for a in node.all_input_nodes):
+            if any(a in aligned for a in value_inputs(node)):
                 aligned.add(node)
         self.batch_aligned = aligned
+
+
+#: Factories that read only their first argument's dtype and device: the size is
+#: in their other arguments, so they neither see the input nor hold its rows.
+_METADATA_FACTORIES = ("new_zeros", "new_ones", "new_full", "new_empty")
+
+
+def value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values (not only dtype and device) the node's value reads."""
+    inputs = node.all_input_nodes
+    packet = getattr(node.target, "overloadpacket", None)
+    if getattr(packet, "__name__", "") in _METADATA_FACTORIES and node.args:
+        first = node.args[0]
+        return [a for a in inputs if a is not first or any(a is b for b in node.args[1:])]
+    return inputs
 
 
 def _fetch(root: nn.Module, target: str) -> Any:
@@ -172,10 +187,12 @@ def evaluate(
 ) -> dict[fx.Node, Any]:
     """Plain forward through the graph, keeping every node's value (the views).
 
-    In-place ops get a copy of their first argument so that every kept value stays
-    what its node produced. `placeholder_values` replaces the additional arguments;
-    values computed before an exception stay in `env` when the caller passes one;
-    `perturb` is applied to every computed node's value (to measure rounding).
+    In-place ops that see the input get a copy of their first argument so that
+    every kept value stays what its node produced; the others run in place, as
+    the model runs them (a mask written through slices). `placeholder_values`
+    replaces the additional arguments; values computed before an exception stay
+    in `env` when the caller passes one; `perturb` is applied to every computed
+    node's value (to measure rounding).
     The output node's value is the model's output, structured as it returns it.
     """
     env = {} if env is None else env
@@ -192,7 +209,8 @@ def evaluate(
         else:
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-            if mutates_first_argument(node) and args:
+            copy = node in captured.depends_on_input and mutates_first_argument(node)
+            if copy and args:
                 args = (clone_if_tensor(args[0]), *args[1:])
             value = run_node(captured, node, args, kwargs)
             env[node] = value if perturb is None else perturb(value)
