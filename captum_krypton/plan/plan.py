@@ -337,6 +337,95 @@ def _choose_full_nodes(
     return full_set, planned, sum(full.values())
 
 
+def _plan_node(
+    captured: CapturedGraph,
+    node: fx.Node,
+    env: dict[fx.Node, Any],
+    nodes: dict[fx.Node, NodePlan],
+    input_geometry: Geometry,
+    threshold: float,
+    tau: float,
+) -> NodePlan:
+    """One node's rule, spec, mode and box, from its inputs' plans."""
+    info = NodeInfo(
+        node=node,
+        args=fx.node.map_arg(node.args, lambda n: env[n]),
+        kwargs=fx.node.map_arg(node.kwargs, lambda n: env[n]),
+        value=env[node],
+    )
+    rule = rule_for(node)
+    flops_full = rule.flops(info) if node.op == "call_function" else 0.0
+    geometry: Geometry | None = None
+    spec = None
+    reason = ""
+    if node.op == "output":
+        mode = "full"
+    elif node not in captured.depends_on_input:
+        mode = "none"
+    elif node is captured.input_node:
+        mode, geometry = "box", input_geometry
+    else:
+        inputs = [a for a in node.all_input_nodes if a in captured.depends_on_input]
+        in_geoms = {a: nodes[a].geometry for a in inputs if nodes[a].mode == "box"}
+        if len(in_geoms) < len(inputs):
+            reason = "an input is full"
+        elif rule is FULL_RULE:
+            reason = f"no box rule for {describe_target(node)}"
+        else:
+            spec = rule.spec(info)
+            geometry = rule.propagate(info, spec, in_geoms) if spec is not None else None
+            if geometry is not None and tau < 1.0:
+                geometry = geometry.capped(tau)
+            if geometry is None:
+                reason = f"{rule.name} cannot keep a box here"
+            elif geometry.volume >= threshold * geometry.map_volume:
+                reason = f"box covers {geometry.volume / geometry.map_volume:.0%} of the map"
+                geometry = None
+        mode = "box" if geometry is not None else "full"
+    return NodePlan(
+        node=node,
+        info=info,
+        rule=rule,
+        spec=spec,
+        mode=mode,
+        geometry=geometry,
+        reason=reason,
+        flops_full=flops_full,
+        flops_incremental=0.0,
+        row_bytes=0,
+    )
+
+
+def _apply_cost_model(
+    captured: CapturedGraph, nodes: dict[fx.Node, NodePlan], order: list[fx.Node], rows: int
+) -> tuple[DeviceCosts, float, float]:
+    """Switch to `full` the nodes the cost model finds cheaper so; returns the
+    costs used and the estimated seconds of the plan and of plain re-inference."""
+    value = nodes[captured.input_node].info.value
+    costs = device_costs(value.device, value.dtype)
+    full_set, estimated, estimated_full = _choose_full_nodes(nodes, order, rows, costs)
+    for node in order:
+        plan = nodes[node]
+        # Whole-model re-inference still builds its inputs from the input boxes.
+        if node in full_set and plan.mode == "box" and node is not captured.input_node:
+            plan.mode, plan.geometry = "full", None
+            plan.reason = "the cost model finds full evaluation cheaper"
+        elif plan.mode == "full" and not plan.reason and node.op != "output":
+            plan.reason = "an input is full"
+    return costs, estimated, estimated_full
+
+
+def _last_uses(order: list[fx.Node]) -> dict[fx.Node, int]:
+    """The step after which each node's value is no longer read."""
+    last_use: dict[fx.Node, int] = {}
+    for step, node in enumerate(order):
+        for arg in node.all_input_nodes:
+            last_use[arg] = step
+    for step, node in enumerate(order):
+        last_use.setdefault(node, step)
+    return last_use
+
+
 def build_plan(
     captured: CapturedGraph,
     env: dict[fx.Node, Any],
@@ -347,106 +436,31 @@ def build_plan(
 ) -> RegionPlan:
     """Plan every node from the clean run's values and the windows' input boxes.
 
-    By default a cost model (graph/cost.py) picks, over the whole graph, the nodes
+    By default a cost model (plan/cost.py) picks, over the whole graph, the nodes
     run `full`; `full_threshold` replaces it with a coverage rule (a box covering
     that share of its map or more is computed whole). `rows` is the batch size
     the cost model assumes. `tau` < 1 caps every box side at tau x its map side
-    (an approximation: changes beyond the cap are dropped). Raises
-    UnsupportedForIncremental when an op forces Captum's path (e.g. a BatchNorm
-    in training mode).
+    (an approximation: changes beyond the cap are dropped).
     """
     _annotate(captured, env)
     nodes: dict[fx.Node, NodePlan] = {}
-    order: list[fx.Node] = []
-    num_examples = env[captured.input_node].shape[0]
     threshold = float("inf") if full_threshold is None else full_threshold
     for node in captured.nodes:
-        value = env[node]
-        info = NodeInfo(
-            node=node,
-            args=fx.node.map_arg(node.args, lambda n: env[n]),
-            kwargs=fx.node.map_arg(node.kwargs, lambda n: env[n]),
-            value=value,
-        )
-        rule = rule_for(node)
-        flops_full = rule.flops(info) if node.op == "call_function" else 0.0
-        geometry: Geometry | None = None
-        spec = None
-        reason = ""
-        if node.op == "output":
-            mode = "full"
-        elif node not in captured.depends_on_input:
-            mode = "none"
-        elif node is captured.input_node:
-            mode, geometry = "box", input_geometry
-        else:
-            inputs = [a for a in node.all_input_nodes if a in captured.depends_on_input]
-            in_geoms = {a: nodes[a].geometry for a in inputs if nodes[a].mode == "box"}
-            if len(in_geoms) < len(inputs):
-                reason = "an input is full"
-            elif rule is FULL_RULE:
-                reason = f"no box rule for {describe_target(node)}"
-            else:
-                spec = rule.spec(info)
-                geometry = rule.propagate(info, spec, in_geoms) if spec is not None else None
-                if geometry is not None and tau < 1.0:
-                    geometry = geometry.capped(tau)
-                if geometry is None:
-                    reason = f"{rule.name} cannot keep a box here"
-                elif geometry.volume >= threshold * geometry.map_volume:
-                    reason = f"box covers {geometry.volume / geometry.map_volume:.0%} of the map"
-                    geometry = None
-            mode = "box" if geometry is not None else "full"
-        if (
-            mode == "box"
-            and rule is not FULL_RULE
-            and spec is None
-            and node is not captured.input_node
-        ):
-            mode, geometry = "full", None
-        nodes[node] = NodePlan(
-            node=node,
-            info=info,
-            rule=rule,
-            spec=spec,
-            mode=mode,
-            geometry=geometry,
-            reason=reason,
-            flops_full=flops_full,
-            flops_incremental=0.0,
-            row_bytes=0,
-        )
-        if mode != "none":
-            order.append(node)
+        nodes[node] = _plan_node(captured, node, env, nodes, input_geometry, threshold, tau)
+    order = [node for node in captured.nodes if nodes[node].mode != "none"]
     costs = estimated = estimated_full = None
     if full_threshold is None:
-        value = env[captured.input_node]
-        costs = device_costs(value.device, value.dtype)
-        full_set, estimated, estimated_full = _choose_full_nodes(nodes, order, rows, costs)
-        for node in order:
-            plan = nodes[node]
-            # Whole-model re-inference still builds its inputs from the input boxes.
-            if node in full_set and plan.mode == "box" and node is not captured.input_node:
-                plan.mode, plan.geometry = "full", None
-                plan.reason = "the cost model finds full evaluation cheaper"
-            elif plan.mode == "full" and not plan.reason and node.op != "output":
-                plan.reason = "an input is full"
+        costs, estimated, estimated_full = _apply_cost_model(captured, nodes, order, rows)
     for node in order:
-        plan = nodes[node]
-        if plan.mode == "box":
-            share = plan.geometry.volume / max(plan.geometry.map_volume, 1)
-            plan.flops_incremental = plan.flops_full * share
-        else:
-            plan.flops_incremental = plan.flops_full
-        plan.row_bytes = _row_bytes(plan.info.value, plan.geometry)
+        node_plan = nodes[node]
+        share = 1.0
+        if node_plan.mode == "box":
+            share = node_plan.geometry.volume / max(node_plan.geometry.map_volume, 1)
+        node_plan.flops_incremental = node_plan.flops_full * share
+        node_plan.row_bytes = _row_bytes(node_plan.info.value, node_plan.geometry)
     _fuse_into_producers(nodes)
-    last_use: dict[fx.Node, int] = {}
-    for step, node in enumerate(order):
-        for arg in node.all_input_nodes:
-            last_use[arg] = step
-    for step, node in enumerate(order):
-        last_use.setdefault(node, step)
-    plan = RegionPlan(captured, nodes, order, num_examples, last_use, tau=tau)
+    num_examples = env[captured.input_node].shape[0]
+    plan = RegionPlan(captured, nodes, order, num_examples, _last_uses(order), tau=tau)
     plan.costs, plan.estimated_seconds, plan.estimated_full_seconds = (
         costs,
         estimated,
