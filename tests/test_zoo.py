@@ -82,6 +82,16 @@ DOCUMENTED_FALLBACKS: dict[str, tuple[str, str]] = {
     "timm:mobilevit_xxs": (_MERGES, "unfolds patches into the batch dimension"),
     "timm:tiny_vit_5m_224": (_MERGES, _WINDOWS),
     "timm:bat_resnext26ts": (_MERGES, "non-local attention folds groups into the batch"),
+    "timm:botnet26t_256": (_MERGES, _WINDOWS),
+    "timm:sebotnet33ts_256": (_MERGES, _WINDOWS),
+    "timm:halonet26t": (_MERGES, _WINDOWS),
+    "timm:maxvit_pico_rw_256": (_MERGES, _WINDOWS),
+    "timm:swin_tiny_patch4_window7_224": (_MERGES, _WINDOWS),
+    "timm:gcvit_xxtiny": (_MERGES, _WINDOWS),
+    "timm:davit_tiny": (_MERGES, _WINDOWS),
+    "timm:hiera_tiny_224": (_MERGES, _WINDOWS),
+    "timm:levit_128s": (_MERGES, "attention flattens batch and tokens"),
+    "timm:sequencer2d_s": (_MERGES, "its LSTMs run on rows and columns folded into the batch"),
 }
 
 ALL_CASES = [*TORCHVISION_CASES, *TIMM_CASES]
