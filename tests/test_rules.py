@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from captum_krypton.capture import capture, evaluate
@@ -410,3 +412,61 @@ def test_relu_before_batchnorm_is_folded_but_the_batchnorm_is_not():
     plan, _ = check_every_box(model, torch.randn(2, 3, 9, 9), (3, 3, 3), 2)
     rules = [p.rule.name for p in plan.nodes.values() if p.mode == "box"]
     assert rules == ["full", "conv", "fused", "batch_norm"]
+
+
+def _random_layer(draw, family: str, channels: int) -> nn.Module:
+    """One op of the family with random parameters (the op the rule stands for)."""
+    integers = lambda lo, hi: draw(st.integers(lo, hi))  # noqa: E731
+    if family == "convolution":
+        kernel = integers(1, 4)
+        groups = draw(st.sampled_from([1, channels]))
+        return nn.Conv2d(
+            channels,
+            groups * integers(1, 3),
+            kernel,
+            stride=integers(1, 3),
+            padding=integers(0, kernel - 1),
+            dilation=integers(1, 2),
+            groups=groups,
+        )
+    if family == "pooling":
+        kernel = integers(2, 3)
+        if draw(st.booleans()):
+            return nn.MaxPool2d(
+                kernel,
+                stride=integers(1, 3),
+                padding=integers(0, kernel // 2),
+                dilation=integers(1, 2),
+                ceil_mode=draw(st.booleans()),
+            )
+        return nn.AvgPool2d(kernel, stride=integers(1, 3), padding=integers(0, kernel // 2))
+    if family == "normalization":
+        return _bn(channels)
+    return draw(st.sampled_from([nn.ReLU(), nn.GELU(), nn.Hardswish(), nn.Dropout(0.3).eval()]))
+
+
+@st.composite
+def single_op_cases(draw):
+    family = draw(st.sampled_from(["convolution", "pooling", "normalization", "pointwise"]))
+    channels = draw(st.integers(1, 3))
+    height, width = draw(st.integers(7, 14)), draw(st.integers(7, 14))
+    window = (channels, draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    strides = (1, draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    layer = _random_layer(draw, family, channels)
+    return family, layer, (draw(st.integers(1, 2)), channels, height, width), window, strides
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=single_op_cases(), seed=st.integers(0, 2**16))
+def test_each_rule_on_random_boxes(case, seed):
+    """Each op family's rule on its own, random op parameters and random windows:
+    every box equals the same region of the op's output on the occluded input."""
+    family, layer, shape, window, strides = case
+    torch.manual_seed(seed)
+    x = torch.randn(*shape, dtype=torch.float64)
+    model = Single(layer).double().eval()
+    try:
+        model(x)
+    except RuntimeError:  # parameters too large for the map (e.g. pooling padding)
+        return
+    check_every_box(model, x, window, strides)
