@@ -482,3 +482,53 @@ def test_fallback_warning_points_at_the_callers_line():
     fallbacks = [w for w in caught if issubclass(w.category, FallbackWarning)]
     assert len(fallbacks) == 2
     assert all(w.filename == __file__ for w in fallbacks), [w.filename for w in fallbacks]
+
+
+class _BatchSizeBranch(torch.nn.Module):
+    """Output that depends on the batch size (a branch on x.shape[0])."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 5)
+
+    def forward(self, x):
+        out = self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+        return out * (2.0 if x.shape[0] > 3 else 1.0)
+
+
+@pytest.mark.parametrize("examples, perturbations_per_eval", [(1, 4), (2, 2), (3, 4), (2, 1)])
+def test_a_branch_on_the_batch_size_gets_captums_numbers(examples, perturbations_per_eval):
+    """Captum's clean forward and its window batches differ in size at
+    perturbations_per_eval > 1; a model whose Python branches on the batch size
+    then runs on Captum's path. At 1 the engine keeps its batches in the captured
+    range and equals Captum."""
+    model = _BatchSizeBranch().double().eval()
+    x = torch.randn(examples, 3, 12, 12, dtype=torch.float64)
+    args = dict(sliding_window_shapes=(3, 4, 4), strides=4, target=1)
+    expected = Occlusion(model).attribute(x, perturbations_per_eval=perturbations_per_eval, **args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = IncrementalOcclusion(model).attribute(
+            x, perturbations_per_eval=perturbations_per_eval, **args
+        )
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    fell_back = any("branches on its batch size" in str(w.message) for w in caught)
+    assert fell_back == (perturbations_per_eval > 1)
+
+
+def test_an_integer_output_runs_on_captums_path():
+    """A thresholded prediction (long output): Captum returns a float map."""
+
+    class Thresholded(_BatchSizeBranch):
+        def forward(self, x):
+            return (self.fc(self.conv(x).mean((2, 3))) > 0).long()
+
+    model = Thresholded().eval()
+    x = torch.randn(2, 3, 12, 12)
+    args = dict(sliding_window_shapes=(3, 4, 4), strides=4, target=1)
+    expected = Occlusion(model).attribute(x, **args)
+    with pytest.warns(FallbackWarning, match="not floating point"):
+        actual = IncrementalOcclusion(model).attribute(x, **args)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)

@@ -133,9 +133,12 @@ def capture(
     )
     _find_batch_symbols(captured, inputs.shape[0])
     for symbol in captured.batch_symbols:
-        limit = _finite(getattr(exported.range_constraints.get(symbol), "upper", None))
+        bounds = exported.range_constraints.get(symbol)
+        limit = _finite(getattr(bounds, "upper", None))
         if limit is not None:
             captured.max_rows = min(limit, captured.max_rows or limit)
+        lowest = _finite(getattr(bounds, "lower", None))
+        captured.branches_on_batch |= limit is not None or (lowest or 0) > 2
     _check_not_mutated(captured)
     _redirect_inplace_aliases(nodes, _sees_input(captured))
     captured.depends_on_input = _sees_input(captured)

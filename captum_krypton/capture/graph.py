@@ -72,6 +72,9 @@ class CapturedGraph:
     #: The most rows the model's own Python allows in a batch (the capture's
     #: range of the batch symbol, e.g. from `if x.shape[0] > 64: raise`); None: any.
     max_rows: int | None = None
+    #: Whether the model's Python branched on its batch size while captured (the
+    #: capture holds for a range of batch sizes only).
+    branches_on_batch: bool = False
     #: In-place writes into parameters or buffers (refused once the op rules,
     #: which say why more precisely, e.g. training mode, have had their say).
     state_writes: list[str] = field(default_factory=list)

@@ -148,6 +148,10 @@ class PreparedOcclusion:
             raise UnsupportedForIncremental(
                 f"the model returns {type(output).__name__}, not a tensor"
             )
+        if not output.is_floating_point():
+            raise UnsupportedForIncremental(
+                f"the model's output is {output.dtype}, not floating point"
+            )
         if output.dim() == 0 or output.shape[0] != inputs.shape[0]:
             raise UnsupportedForIncremental(
                 "the output does not have one row per example (aggregated output)"

@@ -54,6 +54,12 @@ class Preparer:
         extra = _format_additional_forward_args(call.additional_forward_args) or ()
         _check_shared_tensors(extra, inputs[0].shape[0], ppe)
         captured = capture_cached(self.captures, module, inputs[0], extra)
+        if ppe > 1 and captured.branches_on_batch:
+            raise UnsupportedForIncremental(
+                f"the model's Python branches on its batch size, and with "
+                f"perturbations_per_eval={ppe} Captum runs the windows in batches of "
+                "another size than the clean input"
+            )
         prepared = PreparedOcclusion.prepare(
             captured,
             inputs[0],
