@@ -74,11 +74,22 @@ SKIPPED: dict[str, str] = {}
 
 _MERGES = "merges the batch dimension"
 _WINDOWS = "attention folds windows or heads into the batch dimension (view/reshape)"
+_HEADS = "nn.MultiheadAttention folds heads into the batch dimension"
 
 #: Architectures where the engine does not apply, by case id: a substring of the
 #: IncrementalNotApplicable message, and why that is expected.
 DOCUMENTED_FALLBACKS: dict[str, tuple[str, str]] = {
     "torchvision:swin_t": (_MERGES, _WINDOWS),
+    "torchvision:swin_s": (_MERGES, _WINDOWS),
+    "torchvision:swin_b": (_MERGES, _WINDOWS),
+    "torchvision:swin_v2_t": (_MERGES, _WINDOWS),
+    "torchvision:swin_v2_s": (_MERGES, _WINDOWS),
+    "torchvision:swin_v2_b": (_MERGES, _WINDOWS),
+    "torchvision:vit_b_16": (_MERGES, _HEADS),
+    "torchvision:vit_b_32": (_MERGES, _HEADS),
+    "torchvision:vit_l_16": (_MERGES, _HEADS),
+    "torchvision:vit_l_32": (_MERGES, _HEADS),
+    "torchvision:vit_h_14": (_MERGES, _HEADS),
     "timm:mobilevit_xxs": (_MERGES, "unfolds patches into the batch dimension"),
     "timm:tiny_vit_5m_224": (_MERGES, _WINDOWS),
     "timm:bat_resnext26ts": (_MERGES, "non-local attention folds groups into the batch"),
