@@ -21,14 +21,8 @@ import subprocess
 import sys
 import time
 
-MODELS = {
-    "vgg16": 224,
-    "resnet18": 224,
-    "resnet50": 224,
-    "inception_v3": 299,
-    "mobilenet_v2": 224,
-    "efficientnet_b0": 224,
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu import MODELS  # noqa: E402  (the GPU benchmark's models and input sizes)
 
 
 def measure(name: str, size: int, stride: int) -> dict:
