@@ -26,6 +26,7 @@ LAYERS = ("public", "parallel", "engine", "approx", "plan", "ops", "capture", "k
 
 PUBLIC_MODULES = (
     "attr",
+    "outputs",
     "options",
     "errors",
     "captum_path",

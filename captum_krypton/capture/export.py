@@ -18,6 +18,7 @@ the model is captured on at least 2 rows (the input repeated).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import warnings
 from collections.abc import Sequence
@@ -62,15 +63,15 @@ def _export(module: nn.Module, inputs: torch.Tensor, additional_args: Sequence[A
     copies = 1 if examples >= 2 else 2
     trace_input = torch.cat([inputs] * copies) if copies > 1 else inputs
     trace_args = expand_additional_args(additional_args, examples, copies)
-    dynamic = [{0: Dim.AUTO}]
-    for arg in additional_args:
-        dynamic.append({0: Dim.AUTO} if is_per_example(arg, examples) else None)
+    specs = [{0: Dim.AUTO}]
+    specs += [{0: Dim.AUTO} if is_per_example(a, examples) else None for a in additional_args]
+    dynamic = _by_parameter(module, specs)
     try:
         with _quiet():
             return torch.export.export(
                 module,
                 (trace_input, *trace_args),
-                dynamic_shapes=tuple(dynamic),
+                dynamic_shapes=dynamic,
                 strict=False,
             )
     except Exception as exc:  # capture failures come in every exception type
@@ -79,6 +80,27 @@ def _export(module: nn.Module, inputs: torch.Tensor, additional_args: Sequence[A
             f"torch.export could not capture the model on a batch of {copies * examples} "
             f"({type(exc).__name__}: {message[:300]})"
         ) from exc
+
+
+def _by_parameter(module: nn.Module, specs: list) -> Any:
+    """Export's dynamic-shape specs in the structure of forward's signature: the
+    arguments that fill a `*args` parameter share one tuple of specs."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return tuple(specs)
+    structured: list = []
+    for position, parameter in enumerate(parameters):
+        if parameter.kind is parameter.VAR_POSITIONAL:
+            if position < len(specs):
+                structured.append(tuple(specs[position:]))
+            return tuple(structured)
+        if position < len(specs) and parameter.kind in (
+            parameter.POSITIONAL_ONLY,
+            parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            structured.append(specs[position])
+    return tuple(specs)
 
 
 def capture(

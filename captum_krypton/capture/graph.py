@@ -218,3 +218,38 @@ def evaluate(
             value = run_node(captured, node, args, kwargs)
             env[node] = value if perturb is None else perturb(value)
     return env
+
+
+def describe_outputs(output: Any) -> str:
+    """A short account of a structured output, for error messages."""
+
+    def one(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"Tensor{tuple(value.shape)}"
+        return type(value).__name__
+
+    if isinstance(output, dict):
+        return "a dict {" + ", ".join(f"{k!r}: {one(v)}" for k, v in output.items()) + "}"
+    fields = getattr(output, "_fields", None)
+    if fields is not None:
+        values = ", ".join(f"{f}={one(getattr(output, f))}" for f in fields)
+        return f"a {type(output).__name__} ({values})"
+    if isinstance(output, (tuple, list)):
+        return f"a {type(output).__name__} ({', '.join(one(v) for v in output)})"
+    return f"a {type(output).__name__}"
+
+
+def not_one_tensor(output: Any) -> AttributeError:
+    """Captum's exception type for a forward that does not return one tensor, with
+    what the model returned and the one-line fix."""
+    if isinstance(output, dict):
+        key = repr(next(iter(output), "key"))
+    elif getattr(output, "_fields", None):
+        key = repr(output._fields[0])
+    else:
+        key = "0"
+    return AttributeError(
+        f"the model returned {describe_outputs(output)}, not one tensor: occlusion "
+        f"explains one output. Select it, e.g. "
+        f"IncrementalOcclusion(captum_krypton.SelectOutput(model, {key}))"
+    )

@@ -17,6 +17,7 @@ from captum._utils.common import _expand_target, _select_targets
 from captum._utils.typing import TargetType
 
 from captum_krypton.capture import CapturedGraph, UnsupportedForIncremental, evaluate
+from captum_krypton.capture.graph import not_one_tensor
 from captum_krypton.engine.executor import BatchRun, Views
 from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.kernels import use_triton
@@ -145,9 +146,7 @@ class PreparedOcclusion:
             env = evaluate(captured, inputs)
         output = env[captured.output_node]
         if not isinstance(output, torch.Tensor):
-            raise UnsupportedForIncremental(
-                f"the model returns {type(output).__name__}, not a tensor"
-            )
+            raise not_one_tensor(output)
         if not output.is_floating_point():
             raise UnsupportedForIncremental(
                 f"the model's output is {output.dtype}, not floating point"
