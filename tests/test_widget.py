@@ -268,3 +268,28 @@ def test_save_png(model, image, tmp_path):
 def test_bad_image_shape_is_refused(model):
     with pytest.raises(ValueError, match="image must be"):
         OcclusionWidget(model, torch.randn(2, 3, 8, 8))
+
+
+class _TwoOutputs(torch.nn.Module):
+    """Scores and features, as a detection head returns them."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = models.small_cnn()
+
+    def forward(self, x):
+        scores = self.inner(x)
+        return scores, scores.exp()
+
+
+def test_a_model_that_fails_in_the_constructor_shows_the_error(image, escaped):
+    """The widget is built and shows what went wrong (here: several outputs, with
+    the fix) instead of raising; with the output selected, it runs."""
+    widget = OcclusionWidget(_TwoOutputs().eval(), image)
+    assert "AttributeError" in widget.error and "SelectOutput" in widget.error
+    assert not widget.running
+    from captum_krypton import SelectOutput
+
+    fixed = OcclusionWidget(SelectOutput(_TwoOutputs().eval(), 0), image, autorun=False)
+    assert fixed.error == "" and len(fixed.classes) > 1
+    assert not escaped

@@ -23,6 +23,7 @@ import torch
 import traitlets
 
 from captum_krypton import IncrementalOcclusion, OcclusionProgress, attribution_ssim
+from captum_krypton.capture.graph import not_one_tensor
 from captum_krypton.engine.windows import WindowGrid
 
 
@@ -138,7 +139,12 @@ class OcclusionWidget(anywidget.AnyWidget):
         self._captum_seconds_per_batch: float | None = None
         self._captum_estimate_failure: str | None = None
         self._display = _display_rgb(display_image, inputs[0])
-        classes = self._top_classes()
+        failure = None
+        try:
+            classes = self._top_classes()
+        except Exception as exc:  # shown in the widget, as errors of a run are
+            classes = [{"index": 0, "label": "output 0", "probability": float("nan")}]
+            failure = f"{type(exc).__name__}: {exc}"
         super().__init__(
             image_rgba=_rgba_bytes(self._display),
             image_size=list(self._display.shape[:2]),
@@ -150,7 +156,9 @@ class OcclusionWidget(anywidget.AnyWidget):
         self._set_colormap()
         self.on_msg(self._on_message)
         self.observe(self._restart, names=list(RUN_SETTINGS))
-        if autorun:
+        if failure is not None:
+            self.error = failure  # the model fails on the image: nothing to run
+        elif autorun:
             self.compute()
 
     # ------------------------------------------------------------ public
@@ -408,7 +416,10 @@ class OcclusionWidget(anywidget.AnyWidget):
     # ------------------------------------------------------------ helpers
     def _top_classes(self) -> list[dict]:
         with torch.no_grad():
-            scores = self.model(self.inputs).float()
+            output = self.model(self.inputs)
+        if not isinstance(output, torch.Tensor):
+            raise not_one_tensor(output)
+        scores = output.float()
         if scores.dim() != 2:
             return [{"index": 0, "label": "output 0", "probability": float("nan")}]
         probabilities = torch.softmax(scores[0], dim=0)
