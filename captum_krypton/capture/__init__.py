@@ -11,10 +11,10 @@ from captum_krypton.capture.graph import (
     CapturedGraph,
     UnsupportedForIncremental,
     evaluate,
-    mutates_first_argument,
     resolve_module,
     run_node,
 )
+from captum_krypton.capture.schema import mutates_first_argument
 
 __all__ = [
     "CapturedGraph",

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
+from captum_krypton.capture.schema import is_view
+
 if TYPE_CHECKING:  # pragma: no cover
     from captum_krypton.capture.graph import CapturedGraph
 
@@ -129,12 +131,6 @@ def _batch_dims(value: Any, symbols: frozenset) -> list[int] | None:
     return found
 
 
-def _is_view(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    alias = schema.arguments[0].alias_info if schema is not None and schema.arguments else None
-    return alias is not None and not alias.is_write
-
-
 def _dim_arguments(node: fx.Node, rank: int) -> set[int]:
     """The dims an op names in its `dim` / `dims` arguments, made non-negative."""
     schema = getattr(node.target, "_schema", None)
@@ -191,7 +187,7 @@ def find_batch_coupling(captured: CapturedGraph) -> str | None:
         source = first.meta.get("val") if isinstance(first, fx.Node) and first in rows else None
         if not isinstance(source, torch.Tensor) or not isinstance(value, torch.Tensor):
             continue
-        if _is_view(node):  # a view keeping the shape keeps every row (`x[:, 1:]`)
+        if is_view(node):  # a view keeping the shape keeps every row (`x[:, 1:]`)
             continue
         batch = _batch_dims(source, symbols)
         if not batch or len(batch) != 1 or tuple(source.shape) != tuple(value.shape):

@@ -34,9 +34,9 @@ from captum_krypton.capture.batch import expand_additional_args, is_per_example
 from captum_krypton.capture.graph import (
     CapturedGraph,
     UnsupportedForIncremental,
-    mutates_first_argument,
     value_inputs,
 )
+from captum_krypton.capture.schema import is_view, mutates_first_argument
 
 #: Ops that only check what the capture already knows (shapes, dtypes): dropped.
 _ASSERTIONS = ("_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range")
@@ -210,15 +210,6 @@ def _find_batch_symbols(captured: CapturedGraph, examples: int) -> None:
                     raise UnsupportedForIncremental(
                         f"'{node.name}' has a shape that depends on the input's values"
                     )
-
-
-def is_view(node: fx.Node) -> bool:
-    """An op whose output aliases its first argument (view, permute, select, ...)."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is None or not schema.arguments:
-        return False
-    alias = schema.arguments[0].alias_info
-    return alias is not None and not alias.is_write
 
 
 def _check_not_mutated(captured: CapturedGraph) -> None:

@@ -15,7 +15,6 @@ and read from it by every window.
 from __future__ import annotations
 
 import itertools
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from captum_krypton.capture.batch import is_per_example
+from captum_krypton.capture.schema import mutates_first_argument
 
 
 class UnsupportedForIncremental(Exception):
@@ -80,6 +80,7 @@ class CapturedGraph:
     state_writes: list[str] = field(default_factory=list)
     depends_on_input: set[fx.Node] = field(default_factory=set)
     batch_aligned: set[fx.Node] = field(default_factory=set)
+    _sizes: dict[tuple, int] = field(default_factory=dict, repr=False)
     #: Region plans made for this capture, by what they depend on (engine/occlusion.py).
     plans: dict[tuple, Any] = field(default_factory=dict)
 
@@ -104,9 +105,13 @@ class CapturedGraph:
         return {node: _fetch(self.root, name) for node, name in self.state.items()}
 
     def size_of(self, node: fx.Node, rows: int) -> int:
-        """A batch-dependent size node's value for a batch of `rows` rows."""
-        expr = self.size_exprs[node]
-        return int(expr.subs({s: rows for s in self.batch_symbols}))
+        """A batch-dependent size node's value for a batch of `rows` rows (the
+        expression is evaluated once per batch size, not on every batch)."""
+        key = (node, rows)
+        if key not in self._sizes:
+            expr = self.size_exprs[node]
+            self._sizes[key] = int(expr.subs({s: rows for s in self.batch_symbols}))
+        return self._sizes[key]
 
     def additional_args(self, leaves: list) -> tuple:
         """The additional forward arguments, structured as forward takes them."""
@@ -153,19 +158,6 @@ def _fetch(root: nn.Module, target: str) -> Any:
     for part in target.split("."):
         value = getattr(value, part)
     return value
-
-
-def mutates_first_argument(node: fx.Node) -> bool:
-    """Whether running the node writes into its first argument (an in-place op),
-    read off the op's schema."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is not None:
-        first = schema.arguments[0] if schema.arguments else None
-        return bool(first is not None and first.alias_info and first.alias_info.is_write)
-    return node.target in _INPLACE_OPERATORS
-
-
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
 def run_node(captured: CapturedGraph, node: fx.Node, args: tuple, kwargs: dict) -> Any:
