@@ -27,6 +27,37 @@ def _memory_format(value: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _channels_first_order(ndim: int, dims: tuple[int, ...]) -> list[int]:
+    """Batch, then the dims outside the box in order, then the box's dims."""
+    return [0, *(d for d in range(1, ndim) if d not in dims), *dims]
+
+
+def to_channels_first(value: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """A value whose box dims sit at `dims` as (rows, channels, *box dims), the
+    dims outside the box flattened into one channel dim (what the region kernels
+    take)."""
+    moved = value.permute(_channels_first_order(value.dim(), dims))
+    return moved.reshape(moved.shape[0], -1, *moved.shape[moved.dim() - len(dims) :])
+
+
+def from_channels_first(
+    value: torch.Tensor, dims: tuple[int, ...], shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Inverse of `to_channels_first`, to a value of `shape` (a view where it can be)."""
+    order = _channels_first_order(len(shape), dims)
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return value.reshape([shape[d] for d in order]).permute(inverse)
+
+
+def _empty_in_layout(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty tensor of `shape` whose dims are ordered in memory as `like`'s are
+    (a permuted clean value projects to a permuted tensor: models `.view` it)."""
+    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    buffer = torch.empty([shape[d] for d in order], dtype=like.dtype, device=like.device)
+    return buffer.permute(inverse)
+
+
 class Views:
     """The clean run's values (materialized views), with channels-last padded copies,
     and device copies of per-window offsets, made once per attribution so that
@@ -59,6 +90,15 @@ class Views:
 
     def constant(self, values: tuple[int, ...], device: torch.device) -> torch.Tensor:
         return self.device_array(("constant", values), np.asarray(values, dtype=np.int64), device)
+
+    def channels_first(self, node: fx.Node, dims: tuple[int, ...]) -> torch.Tensor:
+        """(N, C, *box dims) copy of a node's clean value whose box dims are `dims`."""
+        key = (node, "channels_first", dims)
+        cached = self._channels_last.get(key)
+        if cached is None:
+            cached = to_channels_first(self.env[node], dims).contiguous()
+            self._channels_last[key] = cached
+        return cached
 
     def channels_last(
         self,
@@ -149,6 +189,21 @@ class BatchRun:
         """Node's values over a region per row: its box where it has one, else its view,
         else `pad_value` outside the map. Returns (rows, C, *size), channels-last."""
         ndim = len(size)
+        dims = self.plan.nodes[node].geometry.dims if self.boxed(node) else None
+        if dims is not None:  # a permuted layout: read it channels-first
+            tile = torch_ops.compose_region(
+                self.views.channels_first(node, dims),
+                self.example,
+                starts,
+                size,
+                pad_value,
+                to_channels_first(self.values[node], dims),
+                self.starts(node),
+            )
+            shape = [self.rows, *self.clean_value(node).shape[1:]]
+            for dim, extent in zip(dims, size):
+                shape[dim] = extent
+            return from_channels_first(tile, dims, tuple(shape))
         pad_lo = tuple(pad_lo or (0,) * ndim)
         pad_hi = tuple(pad_hi or (0,) * ndim)
         boxed = self.plan.nodes[node].mode == "box"
@@ -213,16 +268,21 @@ class BatchRun:
         if not isinstance(value, torch.Tensor):
             return value
         target_plan = self.plan.nodes[target]
-        out_shape = target_plan.info.value.shape
-        spatial = target_plan.geometry.size
+        out_shape = tuple(target_plan.info.value.shape)
+        geometry = target_plan.geometry
+        dims = geometry.box_dims()
         shape = (1,) * (len(out_shape) - value.dim()) + tuple(value.shape)
         value = value.reshape(shape)
-        if all(s == 1 for s in shape[2:]):  # no spatial extent: broadcasts as it is
+        if all(shape[d] == 1 for d in dims):  # no extent over the box: broadcasts as it is
             return value if shape[0] == 1 else value[self.example]
         expanded = torch.broadcast_to(value, (shape[0], *out_shape[1:]))
         rows = self.example if shape[0] > 1 else torch.zeros_like(self.example)
-        tile = torch_ops.gather_tiles(expanded.movedim(1, -1), rows, self.starts(target), spatial)
-        return tile.movedim(-1, 1)
+        source = to_channels_first(expanded, dims).movedim(1, -1)
+        tile = torch_ops.gather_tiles(source, rows, self.starts(target), geometry.size)
+        tile_shape = [self.rows, *out_shape[1:]]
+        for dim, extent in zip(dims, geometry.size):
+            tile_shape[dim] = extent
+        return from_channels_first(tile.movedim(-1, 1), dims, tuple(tile_shape))
 
     # ------------------------------------------------------------ compute
     def mutates(self, node: fx.Node) -> bool:
@@ -249,23 +309,11 @@ class BatchRun:
             return self.plan.captured.size_of(node, self.rows)
         plan = self.plan.nodes[node]
         if plan.mode == "box":
-            # In the clean value's own memory format: models may `.view` it.
-            clean = self.clean_value(node)
-            value = torch.empty(
-                (self.rows, *clean.shape[1:]), dtype=clean.dtype, device=clean.device
-            )
-            if not self.use_triton and clean.dim() in (4, 5):
-                value = value.contiguous(memory_format=_memory_format(clean))
-            self.kernels.compose_region(
-                clean,
-                self.example,
-                torch.zeros_like(self.starts(node)),
-                tuple(clean.shape[2:]),
-                0.0,
-                self.values[node],
-                self.starts(node),
-                out=value,
-            )
+            box, clean = self.values[node], self.clean_value(node)
+            if isinstance(box, torch.Tensor):
+                value = self._project(node, clean, box)
+            else:  # a split's pieces, each projected over its clean piece
+                value = [self._project(node, c, b) for c, b in zip(clean, box)]
         elif plan.mode == "full":
             value = self.values[node]
         elif node.meta["batch_aligned"]:
@@ -274,6 +322,35 @@ class BatchRun:
             value = self.clean_value(node)
         if plan.mode != "full":
             self._full[node] = value
+        return value
+
+    def _project(self, node: fx.Node, clean: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        """Each row's box written over the clean value (same dims as `node`'s box)."""
+        shape = (self.rows, *clean.shape[1:])
+        starts = self.starts(node)
+        dims = self.plan.nodes[node].geometry.dims
+        if dims is not None or clean.dim() - 2 != starts.shape[1]:
+            dims = self.plan.nodes[node].geometry.box_dims()
+            canonical = to_channels_first(clean, dims)
+            whole = torch_ops.compose_region(
+                canonical,
+                self.example,
+                torch.zeros_like(starts),
+                tuple(canonical.shape[2:]),
+                0.0,
+                to_channels_first(box, dims),
+                starts,
+            )
+            value = _empty_in_layout(clean, shape)
+            return value.copy_(from_channels_first(whole, dims, shape))
+        # In the clean value's own memory format: models may `.view` it.
+        value = torch.empty(shape, dtype=clean.dtype, device=clean.device)
+        if not self.use_triton and clean.dim() in (4, 5):
+            value = value.contiguous(memory_format=_memory_format(clean))
+        self.kernels.compose_region(
+            clean, self.example, torch.zeros_like(starts), tuple(clean.shape[2:]), 0.0, box,
+            starts, out=value,
+        )  # fmt: skip
         return value
 
     def _batched_clean(self, node: fx.Node) -> Any:

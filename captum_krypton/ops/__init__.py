@@ -2,6 +2,7 @@
 
 from captum_krypton.ops import (  # noqa: F401  (each module registers its rules)
     convolution,
+    linear,
     normalization,
     pointwise,
     pooling,

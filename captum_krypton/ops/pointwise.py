@@ -10,6 +10,8 @@ Dropout in eval mode is the identity.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import fx
@@ -22,9 +24,17 @@ aten = torch.ops.aten
 
 
 class PointwiseRule(OpRule):
-    """Ops acting on each element (or each channel) alone: the box stays the same."""
+    """Ops acting on each element (or each channel) alone: the box stays the same.
+
+    Other tensor operands broadcast from the right, so they must have no extent
+    over the box's dims; with `channel_operands` (PReLU, BatchNorm) they apply
+    to dim 1, which must then be the channels (a channels-first box)."""
 
     name = "pointwise"
+    any_layout = True
+
+    def __init__(self, channel_operands: bool = False):
+        self.channel_operands = channel_operands
 
     def spec(self, info):
         first = first_arg(info)
@@ -45,7 +55,20 @@ class PointwiseRule(OpRule):
         source = first_arg(info)
         if set(in_geoms) != {source}:
             return None
-        return in_geoms[source]
+        geometry = in_geoms[source]
+        ndim = info.value.dim()
+        for other in info.node.all_input_nodes:
+            if other is source or not other.meta.get("is_tensor"):
+                continue
+            shape = tuple(other.meta["shape"])
+            if self.channel_operands:
+                if geometry.dims is not None and math.prod(shape) != 1:
+                    return None
+                continue
+            aligned = (1,) * (ndim - len(shape)) + shape
+            if any(aligned[d] != 1 for d in geometry.box_dims()):
+                return None  # varies along the box: position-dependent
+        return geometry
 
     def run_box(self, run, info, spec):
         source = first_arg(info)
@@ -92,6 +115,7 @@ class ElementwiseRule(OpRule):
     """Ops over several same-shaped tensors: the boxes' bounding box."""
 
     name = "elementwise"
+    any_layout = True
 
     def spec(self, info):
         return True if is_box_tensor(info) else None
@@ -110,6 +134,40 @@ class ElementwiseRule(OpRule):
         return run.call(info.node, args, kwargs)
 
 
+class TrailingDimsRule(OpRule):
+    """An op over the value's last `k` dims only (LayerNorm over channels, Linear
+    over features): each position of the other dims alone, so a box that leaves
+    those `k` dims whole stays the same box. Its parameters are operands."""
+
+    any_layout = True
+
+    def trailing_dims(self, info: NodeInfo) -> int:
+        raise NotImplementedError
+
+    def spec(self, info):
+        source = first_arg(info)
+        if not is_box_tensor(info) or source is None:
+            return None
+        for other in info.node.all_input_nodes:
+            if other is not source and other.meta.get("batch_aligned"):
+                return None
+        return self.trailing_dims(info)
+
+    def propagate(self, info, spec, in_geoms):
+        source = first_arg(info)
+        if set(in_geoms) != {source}:
+            return None
+        geometry = in_geoms[source]
+        first_trailing = info.value.dim() - spec
+        return geometry if all(d < first_trailing for d in geometry.box_dims()) else None
+
+    def run_box(self, run, info, spec):
+        tile = run.read_at(first_arg(info), info.node)
+        args = fx.node.map_arg(info.node.args, run.operand_value)
+        kwargs = dict(fx.node.map_arg(info.node.kwargs, run.operand_value))
+        return run.call(info.node, (tile, *args[1:]), kwargs)
+
+
 def bounding_box(info: NodeInfo, in_geoms: dict, expected_shape) -> Geometry | None:
     """The bounding box of the operands' boxes, or None when a boxed operand does
     not have the expected shape (a boxed operand that broadcasts changes all)."""
@@ -118,9 +176,12 @@ def bounding_box(info: NodeInfo, in_geoms: dict, expected_shape) -> Geometry | N
     for node in in_geoms:
         if tuple(node.meta["shape"]) != expected_shape(node):
             return None
+    first = next(iter(in_geoms.values()))
+    if any(g.dims != first.dims for g in in_geoms.values()):
+        return None
     lo = np.minimum.reduce([g.starts for g in in_geoms.values()])
     hi = np.maximum.reduce([g.starts + np.asarray(g.size) for g in in_geoms.values()])
-    return Geometry.from_bounds(lo, hi, info.spatial_shape)
+    return Geometry.from_bounds(lo, hi, first.map_size, first.dims)
 
 
 def _overloads(*names: str) -> list:
@@ -138,7 +199,7 @@ UNARY_OPS = _overloads(
     "absolute", "negative", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu",
     "silu", "mish",
     "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "softplus", "log_sigmoid",
-    "prelu", "_prelu_kernel", "threshold", "hardshrink", "softshrink",
+    "threshold", "hardshrink", "softshrink",
     "exp", "expm1", "log", "log1p", "abs", "neg", "sqrt", "rsqrt", "reciprocal", "square",
     "sign", "erf", "sin", "cos", "clamp", "clamp_min", "clamp_max", "clip", "nan_to_num",
     "_to_copy", "clone", "detach", "alias", "contiguous", "lift_fresh_copy",
@@ -153,6 +214,8 @@ ELEMENTWISE_OPS = _overloads(
     "greater", "less", "greater_equal", "less_equal", "logical_and", "logical_or",
 )  # fmt: skip
 POINTWISE_RULE = register(PointwiseRule(), *UNARY_OPS)
+#: PReLU's weight applies per channel, to dim 1.
+PRELU_RULE = register(PointwiseRule(channel_operands=True), *_overloads("prelu", "_prelu_kernel"))
 ELEMENTWISE_RULE = register(ElementwiseRule(), *ELEMENTWISE_OPS)
 IDENTITY_RULE = register(
     IdentityRule(),

@@ -10,6 +10,7 @@ and nothing else is decomposed. An op without a rule is `full` by construction.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -53,11 +54,28 @@ class BoxRun(Protocol):
 
 @dataclass(frozen=True)
 class Geometry:
-    """One box per window: the same size for all, each at its own start."""
+    """One box per window: the same size for all, each at its own start.
+
+    The box spans the spatial dims of the node's value, which are its dims
+    2, 3, ... (channels-first, `dims` None) or, after a permute or reshape
+    (channels-last blocks: ConvNeXt's LayerNorm and Linear), the positions in
+    `dims`. Every other dim (batch aside) is taken whole.
+    """
 
     size: tuple[int, ...]
     starts: np.ndarray  # (num_windows, ndim) int64
     map_size: tuple[int, ...]
+    dims: tuple[int, ...] | None = None
+
+    def box_dims(self) -> tuple[int, ...]:
+        """Positions of the box's dims in the node's value."""
+        return self.dims if self.dims is not None else tuple(range(2, 2 + len(self.size)))
+
+    def moved_to(self, dims: tuple[int, ...]) -> Geometry:
+        """The same box with its dims at positions `dims` (channels-first: None)."""
+        canonical = tuple(range(2, 2 + len(self.size)))
+        moved = None if tuple(dims) == canonical else tuple(int(d) for d in dims)
+        return dataclasses.replace(self, dims=moved)
 
     @property
     def volume(self) -> int:
@@ -68,7 +86,11 @@ class Geometry:
         return math.prod(self.map_size)
 
     def same_as(self, other: Geometry) -> bool:
-        return self.size == other.size and np.array_equal(self.starts, other.starts)
+        return (
+            self.size == other.size
+            and self.dims == other.dims
+            and np.array_equal(self.starts, other.starts)
+        )
 
     def capped(self, tau: float) -> Geometry:
         """Each side at most ceil(tau x map side), centred on the uncapped box
@@ -80,15 +102,22 @@ class Geometry:
             return self
         starts = self.starts + (size - capped) // 2
         starts = np.clip(starts, 0, np.asarray(self.map_size) - capped)
-        return Geometry(tuple(int(s) for s in capped), starts.astype(np.int64), self.map_size)
+        return Geometry(
+            tuple(int(s) for s in capped), starts.astype(np.int64), self.map_size, self.dims
+        )
 
     @staticmethod
-    def from_bounds(lo: np.ndarray, hi: np.ndarray, map_size: tuple[int, ...]) -> Geometry:
+    def from_bounds(
+        lo: np.ndarray,
+        hi: np.ndarray,
+        map_size: tuple[int, ...],
+        dims: tuple[int, ...] | None = None,
+    ) -> Geometry:
         """Uniform box covering [lo, hi) of every window, shifted inward at borders."""
         limit = np.asarray(map_size, dtype=np.int64)
         size = np.clip((hi - lo).max(axis=0), 1, limit)
         starts = np.clip(lo, 0, limit - size)
-        return Geometry(tuple(int(s) for s in size), starts.astype(np.int64), map_size)
+        return Geometry(tuple(int(s) for s in size), starts.astype(np.int64), map_size, dims)
 
 
 @dataclass
@@ -111,6 +140,9 @@ class OpRule:
     """Base rule: evaluate the node whole (`full`)."""
 
     name = "full"
+    #: Whether the rule takes boxes whose dims are not at 2, 3, ... (after a
+    #: permute); a rule that does not is `full` on them.
+    any_layout = False
 
     def check(self, info: NodeInfo) -> None:
         """Raise UnsupportedForIncremental when the op makes Captum's path necessary."""

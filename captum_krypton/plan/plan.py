@@ -143,7 +143,7 @@ class RegionPlan:
             temp = 0
             if plan.mode == "full":
                 temp = sum(
-                    self.nodes[a].info.value[0].numel() * self.nodes[a].info.value.element_size()
+                    _tensor_bytes(self.nodes[a].info.value)
                     for a in node.all_input_nodes
                     if self.nodes[a].mode == "box"
                 )
@@ -371,6 +371,8 @@ def _plan_node(
             reason = "an input is full"
         elif rule is FULL_RULE:
             reason = f"no box rule for {describe_target(node)}"
+        elif not rule.any_layout and any(g.dims is not None for g in in_geoms.values()):
+            reason = f"{rule.name} needs channels-first boxes (dims 2, 3, ...)"
         else:
             spec = rule.spec(info)
             geometry = rule.propagate(info, spec, in_geoms) if spec is not None else None
