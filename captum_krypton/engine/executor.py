@@ -378,7 +378,10 @@ class BatchRun:
         node = self.plan.captured.input_node
         self.values[node] = self._input_tiles(self)
         inputs = self.full_value(node)
-        if inputs.is_cuda and inputs.dim() in (4, 5):  # cuDNN's fastest layout
+        choice = self.plan.path_choice
+        if choice is not None and choice.path == "plain":  # the layout measured fastest
+            inputs = inputs.contiguous(memory_format=choice.layout)
+        elif inputs.is_cuda and inputs.dim() in (4, 5):  # cuDNN's usual fastest layout
             layout = torch.channels_last if inputs.dim() == 4 else torch.channels_last_3d
             inputs = inputs.contiguous(memory_format=layout)
         captured = self.plan.captured

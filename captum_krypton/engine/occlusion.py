@@ -19,6 +19,7 @@ from captum._utils.typing import TargetType
 from captum_krypton.capture import CapturedGraph, UnsupportedForIncremental, evaluate
 from captum_krypton.capture.graph import not_one_tensor
 from captum_krypton.engine.executor import BatchRun, Views
+from captum_krypton.engine.path_choice import choose_path, needs_measurement
 from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.kernels import use_triton
 from captum_krypton.plan import PLANNING_ROWS, RegionPlan, build_plan, check_ops
@@ -189,11 +190,19 @@ class PreparedOcclusion:
         return dataclasses.replace(self, plan=plan, views=views)
 
     def windows_per_batch(self, memory_budget: int | None) -> int:
+        """Windows per batch within the memory budget; on CUDA, a power of two, and
+        (once per plan, where the plan saves little) after choosing between the
+        incremental plan and plain re-inference by measurement (path_choice.py)."""
+        if needs_measurement(self):
+            choose_path(self, memory_budget)
         budget = memory_budget or default_memory_budget(self.inputs.device)
         num_examples = self.inputs.shape[0]
         windows = budget // (self.plan.peak_row_bytes() * num_examples)
         if self.inputs.device.type == "cuda":
             rows = MAX_CUDA_ROWS_WHOLE_MODEL if self.plan.rerun_whole_model else MAX_CUDA_ROWS
+            choice = self.plan.path_choice
+            if choice is not None and choice.path == "plain" and choice.rows:
+                rows = choice.rows
             windows = min(windows, rows // num_examples)
             windows = 1 << (max(windows, 1).bit_length() - 1)  # a power of two
         if self.captured.max_rows is not None:  # the model's own limit on its batch

@@ -69,6 +69,8 @@ class RegionPlan:
     device_arrays: dict = field(default_factory=dict)
     #: Outcome of the once-per-plan batch checks (engine/self_check.py): layout
     #: checked, what the batch check measured, or the failure to raise again.
+    #: Incremental or plain re-inference, as measured on CUDA (engine/path_choice.py).
+    path_choice: Any = None
     batch_layout_checked: bool = False
     batch_behaviour: Any = None
     batch_failure: Exception | None = None
@@ -207,7 +209,15 @@ class RegionPlan:
                 f"approximate: box sides capped at tau = {self.tau:g} of their map "
                 "(changes beyond the cap are dropped)"
             )
-        if self.rerun_whole_model:
+        choice = self.path_choice
+        if choice is not None and choice.seconds_per_window:
+            measured = ", ".join(
+                f"{name} {seconds * 1e6:.1f} us"
+                for name, seconds in choice.seconds_per_window.items()
+            )
+            chosen = choice.path + (f" ({choice.reason})" if choice.path == "plain" else "")
+            lines.append(f"measured per window: {measured}; runs {chosen}")
+        elif self.rerun_whole_model:
             lines.append(
                 f"the plan saves less than {MIN_INCREMENTAL_GAIN:.2f}x: windows run as "
                 "plain re-inference of the whole model"
