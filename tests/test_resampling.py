@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from captum_krypton import IncrementalOcclusion
+from captum_krypton.kernels import triton_importable
 from tests.conftest import check_model
-from tests.test_rules import check_every_box
+from tests.test_rules import DEVICE, check_every_box
 
 #: The coverage rule instead of the cost model: boxes stay boxes however large.
 OPTIONS = {"full_threshold": 1.01}
@@ -291,3 +292,16 @@ def test_float32_interpolation_and_transposed_conv():
     x = torch.randn(2, 3, 16, 16)
     assert_boxed(model, x, (3, 3, 3), (3, 2, 2))
     check_model(model, x, sliding_window_shapes=(3, 3, 3), strides=(3, 2, 2), options=OPTIONS)
+
+
+@pytest.mark.skipif(not triton_importable(), reason="needs triton")
+@pytest.mark.parametrize("name", ["reflect2d", "constant_crop", "bilinear_x1.5", "k1_s3_p1"])
+def test_rules_with_triton_read_in(name, exact_cuda_math):
+    """The same per-box checks with the Triton read-in kernels (under
+    TRITON_INTERPRET=1 on the CPU)."""
+    make, spatial = CASES[name]
+    model = OpModel(make(), len(spatial)).eval().to(DEVICE)
+    x = torch.randn(2, 3, *spatial, device=DEVICE)
+    window = (3,) + (3,) * len(spatial)
+    _, checked = check_every_box(model, x, window, (1,) + (2,) * len(spatial), use_triton=True)
+    assert checked >= 3
