@@ -7,10 +7,13 @@ of a few input positions, whose choice and weights depend on the position's
 global coordinate (and on scale, size and align_corners), so running the op on
 a tile would not give the map's numbers. The weights are read off the op itself:
 run once per dim on a one-hot probe (the dim's input, output size and scale; the
-other dims 1 -> 1), it returns the dim's (out, in) weight matrix exactly as its
-kernel computes it. The output box is every output position with a nonzero
-weight on the input box; its values are those weights applied to a tile read
-over (box | clean view), one dim at a time (nearest: a gather, bit for bit).
+other dims 1 -> 1; antialiased kernels, which take another path for a 1-wide
+dim, keep the other dims' sizes), it returns the dim's (out, in) weight matrix as
+its kernel computes it. The weights are then checked against the op on a random
+input of the node's shape; a mismatch leaves the node `full`. The output box is
+every output position with a nonzero weight on the input box; its values are
+those weights applied to a tile read over (box | clean view), one dim at a time
+(nearest: a gather, bit for bit).
 
 A transposed conv scatters each input position over a kernel-sized stretch of
 the output: an input box changes output rows [a*S - P, (b-1)*S - P + D*(K-1) + 1).
