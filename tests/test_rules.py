@@ -442,12 +442,48 @@ def _random_layer(draw, family: str, channels: int) -> nn.Module:
         return nn.AvgPool2d(kernel, stride=integers(1, 3), padding=integers(0, kernel // 2))
     if family == "normalization":
         return _bn(channels)
+    if family == "padding":
+        mode = draw(st.sampled_from(["zero", "constant", "reflect", "replicate", "circular"]))
+        if mode in ("zero", "constant"):  # negative padding crops
+            pads = tuple(integers(-2, 3) for _ in range(4))
+            return nn.ZeroPad2d(pads) if mode == "zero" else nn.ConstantPad2d(pads, 0.5)
+        pads = tuple(integers(0, 3) for _ in range(4))
+        return {"reflect": nn.ReflectionPad2d, "replicate": nn.ReplicationPad2d}.get(
+            mode, nn.CircularPad2d
+        )(pads)
+    if family == "interpolation":
+        mode = draw(st.sampled_from(["nearest", "nearest-exact", "bilinear", "bicubic"]))
+        corners = draw(st.booleans()) if mode in ("bilinear", "bicubic") else None
+        if draw(st.booleans()):
+            return nn.Upsample(size=(integers(4, 20), integers(4, 20)), mode=mode,
+                               align_corners=corners)  # fmt: skip
+        scale = draw(st.sampled_from([0.5, 0.7, 1.5, 2.0, 2.5, 3.0]))
+        return nn.Upsample(scale_factor=scale, mode=mode, align_corners=corners)
+    if family == "transposed":
+        stride, dilation = integers(1, 3), integers(1, 2)
+        groups = draw(st.sampled_from([1, channels]))
+        kernel = integers(1, 4)
+        return nn.ConvTranspose2d(
+            channels,
+            groups * integers(1, 2),
+            kernel,
+            stride=stride,
+            padding=integers(0, dilation * (kernel - 1)),
+            output_padding=integers(0, max(stride, dilation) - 1),
+            dilation=dilation,
+            groups=groups,
+        )
     return draw(st.sampled_from([nn.ReLU(), nn.GELU(), nn.Hardswish(), nn.Dropout(0.3).eval()]))
 
 
+FAMILIES = ["convolution", "pooling", "normalization", "pointwise"]
+#: Families whose op keeps its box for any parameters (the test asserts it).
+ALWAYS_BOXED = ["padding", "interpolation", "transposed"]
+
+
 @st.composite
-def single_op_cases(draw):
-    family = draw(st.sampled_from(["convolution", "pooling", "normalization", "pointwise"]))
+def single_op_cases(draw, families=FAMILIES):
+    family = draw(st.sampled_from(families))
     channels = draw(st.integers(1, 3))
     height, width = draw(st.integers(7, 14)), draw(st.integers(7, 14))
     window = (channels, draw(st.integers(1, 5)), draw(st.integers(1, 5)))
@@ -467,6 +503,17 @@ def test_each_rule_on_random_boxes(case, seed):
     model = Single(layer).double().eval()
     try:
         model(x)
-    except RuntimeError:  # parameters too large for the map (e.g. pooling padding)
+    except (RuntimeError, ValueError):  # parameters too large for the map (e.g. padding)
         return
-    check_every_box(model, x, window, strides)
+    plan, _ = check_every_box(model, x, window, strides)
+    if family in ALWAYS_BOXED:
+        assert [row["mode"] for row in plan.table()][-1] == "box", plan.summary()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=single_op_cases(ALWAYS_BOXED), seed=st.integers(0, 2**16))
+def test_padding_and_resampling_rules_on_random_boxes(case, seed):
+    """Padding, interpolation and transposed conv with random parameters (odd sizes,
+    scales, sizes, strides, output padding): every box equals the op's output on
+    the occluded input, and the op keeps its box."""
+    test_each_rule_on_random_boxes.hypothesis.inner_test(case=case, seed=seed)

@@ -4,9 +4,11 @@ from captum_krypton.ops import (  # noqa: F401  (each module registers its rules
     convolution,
     linear,
     normalization,
+    padding,
     pointwise,
     pooling,
     reduction,
+    resampling,
     structural,
 )
 from captum_krypton.ops.pointwise import FUSED_RULE
