@@ -194,7 +194,8 @@ class PreparedOcclusion:
         (once per plan, where the plan saves little) after choosing between the
         incremental plan and plain re-inference by measurement (path_choice.py)."""
         if needs_measurement(self):
-            choose_path(self, memory_budget)
+            with cudnn_autotuning(self.inputs.device):  # as the batches will run
+                choose_path(self, memory_budget)
         budget = memory_budget or default_memory_budget(self.inputs.device)
         num_examples = self.inputs.shape[0]
         windows = budget // (self.plan.peak_row_bytes() * num_examples)
