@@ -518,6 +518,30 @@ def test_a_branch_on_the_batch_size_gets_captums_numbers(examples, perturbations
     assert fell_back == (perturbations_per_eval > 1)
 
 
+class _LargeBatchLimit(_BatchSizeBranch):
+    """A limit far above any batch (as some torch versions infer for cuDNN ops)."""
+
+    def forward(self, x):
+        torch._check(x.shape[0] <= 65535)
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("perturbations_per_eval", [4, 64])
+def test_a_batch_limit_no_batch_reaches_keeps_the_engine(perturbations_per_eval):
+    """Only the batch sizes Captum runs matter: a capture that holds up to 65535
+    rows covers every batch here, so the engine runs (no fallback) and equals Captum."""
+    model = _LargeBatchLimit().double().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    args = dict(sliding_window_shapes=(3, 4, 4), strides=2, target=1)
+    expected = Occlusion(model).attribute(x, perturbations_per_eval=perturbations_per_eval, **args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        occlusion = IncrementalOcclusion(model)
+        actual = occlusion.attribute(x, perturbations_per_eval=perturbations_per_eval, **args)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    assert occlusion.last_run.engine == "incremental"
+
+
 def test_an_integer_output_runs_on_captums_path():
     """A thresholded prediction (long output): Captum returns a float map."""
 

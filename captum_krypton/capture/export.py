@@ -160,7 +160,8 @@ def capture(
         if limit is not None:
             captured.max_rows = min(limit, captured.max_rows or limit)
         lowest = _finite(getattr(bounds, "lower", None))
-        captured.branches_on_batch |= limit is not None or (lowest or 0) > 2
+        if lowest is not None and lowest > 2:  # export traces 2 rows or more: 2 is no branch
+            captured.min_rows = max(lowest, captured.min_rows or lowest)
     _check_not_mutated(captured)
     _redirect_inplace_aliases(nodes, _sees_input(captured))
     captured.depends_on_input = _sees_input(captured)

@@ -72,9 +72,17 @@ class CapturedGraph:
     #: The most rows the model's own Python allows in a batch (the capture's
     #: range of the batch symbol, e.g. from `if x.shape[0] > 64: raise`); None: any.
     max_rows: int | None = None
-    #: Whether the model's Python branched on its batch size while captured (the
-    #: capture holds for a range of batch sizes only).
-    branches_on_batch: bool = False
+    #: The fewest rows the capture holds for, where the model's Python branched
+    #: on its batch size above 2 rows (`if x.shape[0] > 8:`); None: any.
+    min_rows: int | None = None
+
+    def holds_for(self, rows: int) -> bool:
+        """Whether a batch of `rows` takes the branches the capture took (a batch
+        of 1 shares them with 2 unless the capture's range says otherwise: export
+        traces 2 rows or more and specializes 1)."""
+        if self.max_rows is not None and rows > self.max_rows:
+            return False
+        return self.min_rows is None or rows >= self.min_rows
     #: In-place writes into parameters or buffers (refused once the op rules,
     #: which say why more precisely, e.g. training mode, have had their say).
     state_writes: list[str] = field(default_factory=list)

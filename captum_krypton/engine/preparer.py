@@ -54,12 +54,6 @@ class Preparer:
         extra = _format_additional_forward_args(call.additional_forward_args) or ()
         _check_shared_tensors(extra, inputs[0].shape[0], ppe)
         captured = capture_cached(self.captures, module, inputs[0], extra)
-        if ppe > 1 and captured.branches_on_batch:
-            raise UnsupportedForIncremental(
-                f"the model's Python branches on its batch size, and with "
-                f"perturbations_per_eval={ppe} Captum runs the windows in batches of "
-                "another size than the clean input"
-            )
         prepared = PreparedOcclusion.prepare(
             captured,
             inputs[0],
@@ -71,6 +65,7 @@ class Preparer:
             forward=forward_func,
             additional_args=extra,
         )
+        _check_captum_batch_sizes(captured, prepared.grid.num_windows, inputs[0].shape[0], ppe)
         prepare_checks(prepared, settings.self_check)
         return prepared
 
@@ -88,4 +83,20 @@ def _check_shared_tensors(extra: tuple, examples: int, perturbations_per_eval: i
             f"perturbations_per_eval={perturbations_per_eval} repeats every additional "
             f"tensor along its first dim (Captum's rule), also the shared one of shape "
             f"{shared[0]}; the engine keeps shared tensors as they are"
+        )
+
+
+def _check_captum_batch_sizes(
+    captured: CapturedGraph, num_windows: int, examples: int, ppe: int
+) -> None:
+    """Captum runs the clean input and then batches of up to `ppe` windows; where the
+    model's Python branches on its batch size, each of those sizes must take the
+    branches the capture took, or Captum's numbers come from other code."""
+    per_batch = min(ppe, num_windows)
+    sizes = {examples, per_batch * examples, (num_windows % per_batch or per_batch) * examples}
+    if ppe > 1 and not all(captured.holds_for(rows) for rows in sizes):
+        raise UnsupportedForIncremental(
+            f"the model's Python branches on its batch size, and with "
+            f"perturbations_per_eval={ppe} Captum runs the windows in batches of "
+            f"sizes {sorted(sizes)}, which take other branches than the capture"
         )
