@@ -83,6 +83,7 @@ class CapturedGraph:
         if self.max_rows is not None and rows > self.max_rows:
             return False
         return self.min_rows is None or rows >= self.min_rows
+
     #: In-place writes into parameters or buffers (refused once the op rules,
     #: which say why more precisely, e.g. training mode, have had their say).
     state_writes: list[str] = field(default_factory=list)

@@ -16,6 +16,7 @@ from torch import fx
 
 from captum_krypton.capture import mutates_first_argument, run_node
 from captum_krypton.kernels import choice, region_kernels, torch_ops, triton_conv_module
+from captum_krypton.ops import box_shape
 from captum_krypton.plan import RegionPlan
 
 
@@ -200,10 +201,8 @@ class BatchRun:
                 to_channels_first(self.values[node], dims),
                 self.starts(node),
             )
-            shape = [self.rows, *self.clean_value(node).shape[1:]]
-            for dim, extent in zip(dims, size):
-                shape[dim] = extent
-            return from_channels_first(tile, dims, tuple(shape))
+            shape = box_shape(self.clean_value(node).shape, self.rows, dims, size)
+            return from_channels_first(tile, dims, shape)
         pad_lo = tuple(pad_lo or (0,) * ndim)
         pad_hi = tuple(pad_hi or (0,) * ndim)
         boxed = self.plan.nodes[node].mode == "box"
@@ -279,10 +278,8 @@ class BatchRun:
         rows = self.example if shape[0] > 1 else torch.zeros_like(self.example)
         source = to_channels_first(expanded, dims).movedim(1, -1)
         tile = torch_ops.gather_tiles(source, rows, self.starts(target), geometry.size)
-        tile_shape = [self.rows, *out_shape[1:]]
-        for dim, extent in zip(dims, geometry.size):
-            tile_shape[dim] = extent
-        return from_channels_first(tile.movedim(-1, 1), dims, tuple(tile_shape))
+        shape = box_shape(out_shape, self.rows, dims, geometry.size)
+        return from_channels_first(tile.movedim(-1, 1), dims, shape)
 
     # ------------------------------------------------------------ compute
     def mutates(self, node: fx.Node) -> bool:

@@ -18,7 +18,15 @@ from torch import fx
 
 from captum_krypton.capture import UnsupportedForIncremental
 from captum_krypton.ops.convolution import first_arg, is_box_tensor
-from captum_krypton.ops.registry import Geometry, NodeInfo, OpRule, bind, register
+from captum_krypton.ops.registry import (
+    Geometry,
+    NodeInfo,
+    OpRule,
+    bind,
+    call_on_tile,
+    overloads,
+    register,
+)
 
 aten = torch.ops.aten
 
@@ -75,10 +83,7 @@ class PointwiseRule(OpRule):
         tile = run.read_at(source, info.node)
         if run.mutates(info.node):
             tile = run.owned(source, tile)
-        # Other operands (parameters, constants) as this call's clean run has them.
-        args = fx.node.map_arg(info.node.args, run.operand_value)
-        kwargs = dict(fx.node.map_arg(info.node.kwargs, run.operand_value))
-        return run.call(info.node, (tile, *args[1:]), kwargs)
+        return call_on_tile(run, info, tile)
 
 
 class IdentityRule(PointwiseRule):
@@ -162,10 +167,7 @@ class TrailingDimsRule(OpRule):
         return geometry if all(d < first_trailing for d in geometry.box_dims()) else None
 
     def run_box(self, run, info, spec):
-        tile = run.read_at(first_arg(info), info.node)
-        args = fx.node.map_arg(info.node.args, run.operand_value)
-        kwargs = dict(fx.node.map_arg(info.node.kwargs, run.operand_value))
-        return run.call(info.node, (tile, *args[1:]), kwargs)
+        return call_on_tile(run, info, run.read_at(first_arg(info), info.node))
 
 
 def bounding_box(info: NodeInfo, in_geoms: dict, expected_shape) -> Geometry | None:
@@ -184,18 +186,7 @@ def bounding_box(info: NodeInfo, in_geoms: dict, expected_shape) -> Geometry | N
     return Geometry.from_bounds(lo, hi, first.map_size, first.dims)
 
 
-def _overloads(*names: str) -> list:
-    """Every overload of the named ATen ops that exists in this torch."""
-    found = []
-    for name in names:
-        packet = getattr(aten, name, None)
-        if packet is None:
-            continue
-        found.extend(getattr(packet, o) for o in packet.overloads())
-    return found
-
-
-UNARY_OPS = _overloads(
+UNARY_OPS = overloads(
     "absolute", "negative", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu",
     "silu", "mish",
     "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "softplus", "log_sigmoid",
@@ -208,16 +199,16 @@ UNARY_OPS = _overloads(
 UNARY_OPS += [aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.type_as.default]
 #: Ops of several operands, every overload (a Python number as an operand is fine),
 #: under all their ATen spellings (`subtract` is `sub`, `multiply` is `mul`).
-ELEMENTWISE_OPS = _overloads(
+ELEMENTWISE_OPS = overloads(
     "add", "sub", "subtract", "rsub", "mul", "multiply", "div", "divide", "true_divide",
     "maximum", "minimum", "fmax", "fmin", "where", "pow", "gt", "lt", "ge", "le", "eq", "ne",
     "greater", "less", "greater_equal", "less_equal", "logical_and", "logical_or",
 )  # fmt: skip
 POINTWISE_RULE = register(PointwiseRule(), *UNARY_OPS)
 #: PReLU's weight applies per channel, to dim 1.
-PRELU_RULE = register(PointwiseRule(channel_operands=True), *_overloads("prelu", "_prelu_kernel"))
+PRELU_RULE = register(PointwiseRule(channel_operands=True), *overloads("prelu", "_prelu_kernel"))
 ELEMENTWISE_RULE = register(ElementwiseRule(), *ELEMENTWISE_OPS)
 IDENTITY_RULE = register(
     IdentityRule(),
-    *_overloads("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"),
+    *overloads("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"),
 )

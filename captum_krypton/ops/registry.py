@@ -211,6 +211,36 @@ def rule_for(node: fx.Node) -> OpRule:
         return FULL_RULE
 
 
+def overloads(*names: str, only: tuple[str, ...] | None = None) -> list:
+    """The overloads of the named ATen ops that exist in this torch (all of them,
+    or those named in `only`)."""
+    found = []
+    for name in names:
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is None:
+            continue
+        found.extend(getattr(packet, o) for o in packet.overloads() if only is None or o in only)
+    return found
+
+
+def box_shape(
+    shape: tuple[int, ...], rows: int, dims: tuple[int, ...], size: tuple[int, ...]
+) -> tuple[int, ...]:
+    """A value's shape for `rows` rows, cut to a box of `size` along `dims`."""
+    cut = [rows, *shape[1:]]
+    for dim, extent in zip(dims, size):
+        cut[dim] = extent
+    return tuple(cut)
+
+
+def call_on_tile(run: BoxRun, info: NodeInfo, tile: torch.Tensor) -> Any:
+    """The node's op on `tile` in place of its first argument; its other operands
+    (parameters, constants, sizes) as this call's clean run has them."""
+    args = fx.node.map_arg(info.node.args, run.operand_value)
+    kwargs = dict(fx.node.map_arg(info.node.kwargs, run.operand_value))
+    return run.call(info.node, (tile, *args[1:]), kwargs)
+
+
 def registered_ops() -> dict[str, list[str]]:
     """Which ops have which rule, for docs and tests."""
     table: dict[str, list[str]] = {}

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from captum_krypton.kernels import torch_ops
 from captum_krypton.ops.convolution import as_tuple, first_arg, is_box_tensor
 from captum_krypton.ops.padding import Taps, propagate_taps, run_taps, taps_read_volume
-from captum_krypton.ops.registry import Geometry, NodeInfo, OpRule, bind, register
+from captum_krypton.ops.registry import Geometry, NodeInfo, OpRule, bind, overloads, register
 
 aten = torch.ops.aten
 
@@ -270,17 +270,9 @@ class TransposedConvRule(OpRule):
         return float(source[0].numel() * per_input)
 
 
-def _overloads(names) -> list:
-    """The functional overloads (`default`, `vec`) of the named ops in this torch."""
-    found = []
-    for name in names:
-        packet = getattr(aten, name, None)
-        if packet is not None:
-            found.extend(getattr(packet, o) for o in ("default", "vec") if o in packet.overloads())
-    return found
-
-
-INTERPOLATION_RULE = register(InterpolationRule(), *_overloads(_INTERPOLATIONS))
+INTERPOLATION_RULE = register(
+    InterpolationRule(), *overloads(*_INTERPOLATIONS, only=("default", "vec"))
+)
 TRANSPOSED_CONV_RULE = register(
     TransposedConvRule(),
     aten.conv_transpose1d.default,

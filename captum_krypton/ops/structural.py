@@ -17,11 +17,18 @@ import math
 import operator
 
 import torch
-from torch import fx
 
 from captum_krypton.ops.convolution import first_arg, is_box_tensor
 from captum_krypton.ops.pointwise import bounding_box
-from captum_krypton.ops.registry import OpRule, bind, register, rule_for
+from captum_krypton.ops.registry import (
+    OpRule,
+    bind,
+    box_shape,
+    call_on_tile,
+    overloads,
+    register,
+    rule_for,
+)
 
 aten = torch.ops.aten
 
@@ -75,14 +82,6 @@ class SameShapeViewRule(OpRule):
         return run.read_at(first_arg(info), info.node)
 
 
-def box_shape(run, info, dims: tuple[int, ...]) -> tuple[int, ...]:
-    """The node's value shape for this batch's rows, cut to its box along `dims`."""
-    shape = [run.rows, *info.value.shape[1:]]
-    for dim, extent in zip(dims, run.size(info.node)):
-        shape[dim] = extent
-    return tuple(shape)
-
-
 class ReshapeRule(OpRule):
     """view / reshape / flatten / unflatten keeping the batch and every box dim whole."""
 
@@ -121,7 +120,7 @@ class ReshapeRule(OpRule):
         source = first_arg(info)
         tile = run.read_at(source, source)
         dims = run.plan.nodes[info.node].geometry.box_dims()
-        return tile.reshape(box_shape(run, info, dims))
+        return tile.reshape(box_shape(info.value.shape, run.rows, dims, run.size(info.node)))
 
 
 class PermuteRule(OpRule):
@@ -180,9 +179,7 @@ class SplitRule(OpRule):
 
     def run_box(self, run, info, spec):
         source = first_arg(info)
-        args = fx.node.map_arg(info.node.args, run.operand_value)
-        kwargs = dict(fx.node.map_arg(info.node.kwargs, run.operand_value))
-        return run.call(info.node, (run.read_at(source, source), *args[1:]), kwargs)
+        return call_on_tile(run, info, run.read_at(source, source))
 
     def flops(self, info):
         return 0.0
@@ -209,10 +206,6 @@ class PieceRule(OpRule):
         return run.read_at(source, source)[spec]
 
 
-def _existing(*ops):
-    return [op for op in ops if op is not None]
-
-
 CAT_RULE = register(CatRule(), aten.cat.default, aten.concat.default, aten.concatenate.default)
 VIEW_RULE = register(SameShapeViewRule(), aten.expand.default)
 RESHAPE_RULE = register(
@@ -227,8 +220,7 @@ PERMUTE_RULE = register(
     PermuteRule(),
     aten.permute.default,
     aten.transpose.int,
-    *_existing(getattr(getattr(aten, "swapaxes", None), "default", None)),
-    *_existing(getattr(getattr(aten, "swapdims", None), "default", None)),
+    *overloads("swapaxes", "swapdims", only=("default",)),
 )
 SPLIT_RULE = register(
     SplitRule(),
