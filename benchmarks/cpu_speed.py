@@ -27,6 +27,11 @@ CASES = {
     "resnet18": {"window": (3, 16, 16), "stride": 8},
     "vgg16": {"window": (3, 16, 16), "stride": 16},
     "mobilenet_v2": {"window": (3, 16, 16), "stride": 8},
+    # Plans that save little (squeeze-excitation, large depthwise kernels, shuffles):
+    "efficientnet_b0": {"window": (3, 16, 16), "stride": 16},
+    "regnet_y_400mf": {"window": (3, 16, 16), "stride": 16},
+    "convnext_tiny": {"window": (3, 16, 16), "stride": 16},
+    "shufflenet_v2_x1_0": {"window": (3, 16, 16), "stride": 16},
 }
 CAPTUM_BATCHES = (1, 16, 64, 256)
 

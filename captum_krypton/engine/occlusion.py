@@ -37,6 +37,12 @@ MAX_CUDA_ROWS = PLANNING_ROWS
 MAX_CUDA_ROWS_WHOLE_MODEL = 256
 
 
+#: On the CPU, plain re-inference runs fastest in small batches (cache-sized
+#: activations): efficientnet_b0 at 224 px took 3.2 s for 196 windows in batches
+#: of 8, 3.7 s in 16, 7.6 s in 64 (2-core CPU; benchmarks/cpu_speed.py).
+MAX_CPU_ROWS_WHOLE_MODEL = 8
+
+
 #: Plans kept per traced model (a plan is reused while the input shape, window,
 #: strides and the model's parameters stay the same).
 MAX_CACHED_PLANS = 8
@@ -206,6 +212,8 @@ class PreparedOcclusion:
                 rows = choice.rows
             windows = min(windows, rows // num_examples)
             windows = 1 << (max(windows, 1).bit_length() - 1)  # a power of two
+        elif self.plan.rerun_whole_model:
+            windows = min(windows, MAX_CPU_ROWS_WHOLE_MODEL // num_examples)
         if self.captured.max_rows is not None:  # the model's own limit on its batch
             windows = min(windows, self.captured.max_rows // num_examples)
         return int(max(1, min(self.grid.num_windows, windows)))

@@ -478,11 +478,16 @@ def build_plan(
         estimated,
         estimated_full,
     )
+    # A plan whose FLOPs save less than the minimum gain does not pay for its
+    # gathers and launches whatever the estimate says (regnet_y_400mf, 1.13x in
+    # FLOPs: 3.5 s incremental against 2.0 s plain on a 2-core CPU).
+    saves_too_little = plan.theoretical_speedup < MIN_INCREMENTAL_GAIN
     if estimated is not None:
         plan.rerun_whole_model = (
             nodes[captured.input_node].mode == "full"
             or estimated_full < MIN_INCREMENTAL_GAIN * estimated
+            or saves_too_little
         )
     else:
-        plan.rerun_whole_model = plan.theoretical_speedup < MIN_INCREMENTAL_GAIN
+        plan.rerun_whole_model = saves_too_little
     return plan
