@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -90,23 +91,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo_parser.add_argument("--out", default="occlusion_demo.png", help="PNG to write")
     demo_parser.add_argument("--seed", type=int, default=2, help="which generated image")
     demo_parser.add_argument("--window", type=int, default=12, help="window side (pixels)")
-    demo_parser.add_argument("--stride", type=int, default=3)
+    demo_parser.add_argument("--stride", type=int, default=3, help="window step (pixels)")
     demo_parser.add_argument("--repeats", type=int, default=1, help="best of this many runs")
     demo_parser.add_argument("--skip-captum", action="store_true", help="don't time Captum")
     run_parser = commands.add_parser(
-        "attribute", help="occlusion maps of a data set, one .npy per item (torchrun-ready)"
+        "attribute",
+        help="occlusion maps of a data set, one .npy per item (torchrun-ready)",
+        description=attribute.__doc__,
+        epilog="example: captum-krypton attribute --model mymodels:load --data images/ "
+        "--out maps/ --window 16 --stride 8 --target top  (MODULE is imported from the "
+        "current folder, as `python -m` does; under torchrun every rank takes its share; "
+        "Ctrl-C stops with one line per rank, and the same command resumes)",
     )
-    run_parser.add_argument("--model", required=True, help="MODULE:FN returning the model")
+    run_parser.add_argument(
+        "--model", required=True, help="MODULE:FN, a function returning the model (nn.Module)"
+    )
     run_parser.add_argument(
         "--data",
         required=True,
-        help="a directory of (C, H, W) .npy images (+ labels.npy), or MODULE:FN returning "
-        "(images, labels)",
+        help="a directory of (C, H, W) .npy images, already normalized (+ labels.npy, one "
+        "label per image in file-name order), or MODULE:FN returning (images, labels)",
     )
-    run_parser.add_argument("--out", required=True, help="directory for NNNNNN.npy files")
-    run_parser.add_argument("--window", type=int, default=12)
-    run_parser.add_argument("--stride", type=int, default=6)
-    run_parser.add_argument("--target", default="label", help="'label', 'top' or a class index")
+    run_parser.add_argument(
+        "--out",
+        required=True,
+        help="directory for the maps: one (H, W) float32 .npy per item (the window spans "
+        "all channels, so every channel's map is the same), named after its input file, "
+        "or NNNNNN.npy by index for MODULE:FN data; existing files are skipped (resume)",
+    )
+    run_parser.add_argument(
+        "--window", type=int, default=12, help="window side in pixels (default 12)"
+    )
+    run_parser.add_argument(
+        "--stride", type=int, default=6, help="window step in pixels (default 6)"
+    )
+    run_parser.add_argument(
+        "--target",
+        default="label",
+        help="'label' (from the data), 'top' (the model's top class) or a class index",
+    )
+    run_parser.add_argument(
+        "--baseline",
+        type=float,
+        default=0.0,
+        help="value of occluded pixels, in the input's normalized units (default 0, "
+        "Captum's default)",
+    )
     args = parser.parse_args(argv)
     return {"demo": demo, "attribute": attribute}[args.command](args)
 
@@ -116,15 +146,21 @@ def attribute(args: argparse.Namespace) -> int:
     from captum_krypton import IncrementalOcclusion
     from captum_krypton.parallel.distributed import run
 
-    run(
-        args.model,
-        args.data,
-        args.out,
-        args.window,
-        args.stride,
-        args.target,
-        make_occlusion=IncrementalOcclusion,
-    )
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # MODULE:FN from the current folder, as `python -m`
+    try:
+        run(
+            args.model,
+            args.data,
+            args.out,
+            args.window,
+            args.stride,
+            args.target,
+            baseline=args.baseline,
+            make_occlusion=IncrementalOcclusion,
+        )
+    except KeyboardInterrupt:  # the rank has said where it stopped
+        return 130
     return 0
 
 

@@ -72,7 +72,7 @@ def reference(tmp_path_factory):
                 strides=(3, 2, 2),
                 target=int(labels[i]),
                 perturbations_per_eval=64,
-            )[0]
+            )[0, 0]  # the window spans all channels: one map per item
             .numpy()
         )
         np.testing.assert_allclose(
@@ -130,8 +130,86 @@ def test_a_directory_of_npy_images_gives_the_same_maps(reference, tmp_path):
     command = [sys.executable, *COMMAND, "--out", str(out)]
     command[command.index("captum_krypton.demo.data:evaluation_set")] = str(data)
     subprocess.run(command, check=True, env=ENV, timeout=300)
-    files = outputs(out)
-    assert files.keys() == reference.keys()
-    for name, array in files.items():
+    files = outputs(out)  # named after their inputs
+    assert sorted(files) == [f"img{i:03d}.npy" for i in range(ITEMS)]
+    for i in range(ITEMS):
+        array, expected = files[f"img{i:03d}.npy"], reference[f"{i:06d}.npy"]
         # The same values in differently allocated inputs: equal up to float rounding.
-        np.testing.assert_allclose(array, reference[name], rtol=0, atol=1e-5 * np.abs(array).max())
+        np.testing.assert_allclose(array, expected, rtol=0, atol=1e-5 * np.abs(array).max())
+
+
+MODEL_MODULE = """
+import torch
+from torch import nn
+
+
+def load():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 2),
+    )
+
+
+def data():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 10, 10), torch.tensor([0, 1])
+"""
+
+
+def test_the_console_command_imports_from_the_current_folder_and_takes_a_baseline(tmp_path):
+    """`captum-krypton attribute --model mymodels:load` run in the folder of
+    mymodels.py, with a baseline: Captum's maps with that baseline."""
+    import shutil
+
+    (tmp_path / "mymodels.py").write_text(MODEL_MODULE)
+    command = shutil.which("captum-krypton")
+    if command is None:
+        pytest.skip("the console script is not installed")
+    args = ["attribute", "--model", "mymodels:load", "--data", "mymodels:data", "--out", "maps"]
+    args += ["--window", "4", "--stride", "3", "--baseline", "0.5"]
+    subprocess.run([command, *args], check=True, env=ENV, cwd=tmp_path, timeout=300)
+    import sys as _sys
+
+    _sys.path.insert(0, str(tmp_path))
+    try:
+        import mymodels
+    finally:
+        _sys.path.remove(str(tmp_path))
+    from captum.attr import Occlusion
+
+    model = mymodels.load().eval()
+    images, labels = mymodels.data()
+    for i in range(2):
+        expected = Occlusion(model).attribute(
+            images[i : i + 1], (3, 4, 4), strides=(3, 3, 3), target=int(labels[i]), baselines=0.5
+        )[0, 0]
+        actual = np.load(tmp_path / "maps" / f"{i:06d}.npy")
+        assert actual.shape == tuple(expected.shape)
+        np.testing.assert_allclose(actual, expected.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_ctrl_c_stops_with_one_line_and_resumes(tmp_path):
+    run = subprocess.Popen(
+        [sys.executable, *COMMAND, "--out", str(tmp_path)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("*.npy")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGINT)
+    log, _ = run.communicate(timeout=120)
+    if run.returncode == 0:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert run.returncode == 130, log
+    assert "Traceback" not in log, log
+    assert "interrupted" in log and "the same command resumes" in log, log
+    resumed = subprocess.run(
+        [sys.executable, *COMMAND, "--out", str(tmp_path)],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0 and "done before" in resumed.stdout
+    assert len(list(tmp_path.glob("*.npy"))) == ITEMS

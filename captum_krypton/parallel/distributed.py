@@ -1,8 +1,11 @@
 """Data-set runs: attributions of every item of a data set, sharded over the
 ranks of torch.distributed (launched with torchrun), one .npy file per item.
 
-Item i goes to rank i % world_size. Each result is written to a temporary file
-and renamed into place, so a file under its final name is always complete; a
+Item i goes to rank i % world_size. The window spans every channel, so all
+channels of a map are equal: one map over the spatial dims is saved per item,
+named after the item's file for a directory of .npy images (`cat.npy` ->
+`OUT/cat.npy`), else `OUT/NNNNNN.npy` by index. Each result is written to a
+temporary file and renamed into place, so a file under its final name is always complete; a
 rerun skips items whose file exists, so a killed run resumes where it stopped.
 """
 
@@ -81,7 +84,11 @@ def start_rank() -> Rank:
     return Rank(index, world, device)
 
 
-def item_path(out: Path, index: int) -> Path:
+def item_path(out: Path, index: int, images: Any = None) -> Path:
+    """Where item `index`'s map goes: named after its input file where it has one."""
+    files = getattr(images, "files", None)
+    if files is not None:
+        return out / f"{Path(files[index]).stem}.npy"
     return out / f"{index:06d}.npy"
 
 
@@ -103,12 +110,15 @@ def run(
     stride: int,
     target: str = "label",
     log: Callable[[str], None] = print,
+    baseline: float = 0.0,
     *,
     make_occlusion: Callable[[nn.Module], Any],
 ) -> int:
     """Attribute this rank's share of the data set; returns items written now.
     `make_occlusion(model)` gives what attributes: an object with Captum's
-    `Occlusion.attribute` (the command line passes IncrementalOcclusion)."""
+    `Occlusion.attribute` (the command line passes IncrementalOcclusion).
+    `baseline`: the value occluded positions take (Captum's `baselines`).
+    Ctrl-C stops between items with one line per rank; the same call resumes."""
     rank = start_rank()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,28 +130,40 @@ def run(
         raise ValueError("the data has no labels: pass --target top or a class index")
     occlusion = make_occlusion(model)
     mine = [i for i in range(len(images)) if i % rank.world == rank.index]
-    todo = [i for i in mine if not item_path(out_dir, i).exists()]
+    todo = [i for i in mine if not item_path(out_dir, i, images).exists()]
     log(f"rank {rank.index}/{rank.world}: {len(mine)} items, {len(mine) - len(todo)} done before")
     started = time.perf_counter()
-    for done, i in enumerate(todo, 1):
-        inputs = images[i][None].to(rank.device)
-        if target == "label":
-            item_target = int(labels[i])
-        elif target == "top":
-            with torch.no_grad():
-                item_target = int(model(inputs).argmax(1)[0])
-        else:
-            item_target = int(target)
-        channels = inputs.shape[1]
-        attribution = occlusion.attribute(
-            inputs,
-            sliding_window_shapes=(channels, window, window),
-            strides=(channels, stride, stride),
-            target=item_target,
+    try:
+        for done, i in enumerate(todo, 1):
+            inputs = images[i][None].to(rank.device)
+            if target == "label":
+                item_target = int(labels[i])
+            elif target == "top":
+                with torch.no_grad():
+                    item_target = int(model(inputs).argmax(1)[0])
+            else:
+                item_target = int(target)
+            channels = inputs.shape[1]
+            attribution = occlusion.attribute(
+                inputs,
+                sliding_window_shapes=(channels, window, window),
+                strides=(channels, stride, stride),
+                target=item_target,
+                baselines=baseline,
+            )
+            spatial = attribution[0, 0].cpu().numpy()  # every channel holds the same map
+            save_atomically(item_path(out_dir, i, images), spatial, rank.index)
+            elapsed = time.perf_counter() - started
+            log(f"rank {rank.index}: {done}/{len(todo)} items, {elapsed:.1f} s")
+    except KeyboardInterrupt:
+        finished = sum(item_path(out_dir, i, images).exists() for i in mine)
+        log(
+            f"rank {rank.index}: interrupted, {finished}/{len(mine)} items written; "
+            "the same command resumes"
         )
-        save_atomically(item_path(out_dir, i), attribution[0].cpu().numpy(), rank.index)
-        elapsed = time.perf_counter() - started
-        log(f"rank {rank.index}: {done}/{len(todo)} items, {elapsed:.1f} s")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
