@@ -10,6 +10,8 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.ipynb"))
+#: Notebooks that promise figures: each must render at least this many images.
+FIGURES = {"quick_start": 1, "captum_workflow": 1}
 
 
 def test_there_are_examples():
@@ -35,3 +37,11 @@ def test_example_notebook_runs(path, tmp_path):
         if output.get("output_type") == "error"
     ]
     assert not errors
+    images = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
+    ]
+    assert len(images) >= FIGURES.get(path.stem, 0), f"{path.name} rendered {len(images)} images"
