@@ -293,3 +293,18 @@ def test_a_model_that_fails_in_the_constructor_shows_the_error(image, escaped):
     fixed = OcclusionWidget(SelectOutput(_TwoOutputs().eval(), 0), image, autorun=False)
     assert fixed.error == "" and len(fixed.classes) > 1
     assert not escaped
+
+
+def test_a_new_run_clears_the_last_status_and_error(model):
+    """The status line and error of a finished run describe its map; a new run
+    starts with neither (they would describe a map no longer shown)."""
+    image = torch.randn(3, 24, 24)
+    widget = OcclusionWidget(model, image, window=4, stride=4)
+    assert widget.wait(WAIT) and "of 36 windows" in widget.status
+    widget.error = "RuntimeError: from the last run"
+    seen = []  # what the front end is sent, in order
+    widget.observe(lambda change: seen.append((change["name"], change["new"])), ["status", "error"])
+    widget.stride = 2  # starts a run
+    assert widget.wait(WAIT) and "of 121 windows" in widget.status
+    assert seen[:2] == [("status", "running"), ("error", "")], seen
+    assert seen[-1][0] == "status" and "of 121 windows" in seen[-1][1]

@@ -175,6 +175,8 @@ class OcclusionWidget(anywidget.AnyWidget):
                 daemon=True,
             )
             self.running = True
+            # The last run's summary or error would describe a map no longer shown.
+            self.status, self.error = "running", ""
             self._worker.start()
 
     def cancel(self) -> None:
