@@ -12,6 +12,8 @@ nbclient = pytest.importorskip("nbclient")
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.ipynb"))
 #: Notebooks that promise figures: each must render at least this many images.
 FIGURES = {"quick_start": 1, "captum_workflow": 1}
+#: Text a notebook's outputs must show (what its markdown promises happens).
+PRINTED = {"widget_tour": ["error:  RuntimeError: the model failed on purpose", "recovered: True"]}
 
 
 def test_there_are_examples():
@@ -45,3 +47,12 @@ def test_example_notebook_runs(path, tmp_path):
         if "image/png" in output.get("data", {})
     ]
     assert len(images) >= FIGURES.get(path.stem, 0), f"{path.name} rendered {len(images)} images"
+    printed = "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if output.get("output_type") == "stream"
+    )
+    for expected in PRINTED.get(path.stem, []):
+        assert expected in printed, (expected, printed)
