@@ -13,7 +13,10 @@ EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.ipynb"))
 #: Notebooks that promise figures: each must render at least this many images.
 FIGURES = {"quick_start": 1, "captum_workflow": 1}
 #: Text a notebook's outputs must show (what its markdown promises happens).
-PRINTED = {"widget_tour": ["error:  RuntimeError: the model failed on purpose", "recovered: True"]}
+PRINTED = {
+    "widget_tour": ["error:  RuntimeError: the model failed on purpose", "recovered: True"],
+    "quick_start": ["SSIM vs exact:"],
+}
 
 
 def test_there_are_examples():
