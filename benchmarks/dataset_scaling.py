@@ -1,15 +1,19 @@
-"""Data-set runs on one GPU and on every GPU: `captum-krypton attribute` timed
-as a user runs it, in one process and under torchrun.
+"""Data-set runs on one GPU and on several: `captum-krypton attribute` timed as a
+user runs it, in one process and under torchrun, from start to exit.
 
-    python benchmarks/dataset_scaling.py [--images 48] [--stride 2] [--window 16]
+    python benchmarks/dataset_scaling.py --model vgg16 [--images 1000] [--stride 4]
+        [--window 16] [--processes 2] [--append]
 
 Writes `--images` random 224 x 224 images as .npy files, then runs the command
-on vgg16 (weights=None, seeded, so every process builds the same model) with
-target 0: first once on two images to fill the Triton cache, then on cuda:0
-alone (one process), then with `torchrun --nproc_per_node=<GPUs>`. Reports wall
-time (process start to exit: imports, model, compilation of kernels new to the
-process, cuDNN's search) and the ranks' own time over their items, and checks
-that both runs wrote the same maps. Writes JSON to --out.
+on the model (torchvision, weights=None, seeded, so every process builds the
+same model) with target 0: first once on two images (this fills Triton's cache
+and the kernel-choice cache, as any earlier run on the machine would), then on
+cuda:0 alone (one process), then with `torchrun --nproc_per_node=P` for each P
+of --processes. Reports wall time from process start to exit (imports, model,
+cuDNN's search and everything else included), each rank's own account (ready,
+first item, total) and the speedup; checks that the runs wrote the same maps.
+Results go to benchmarks/results/dataset_scaling.json, one entry per model
+(--append keeps the other models' entries).
 """
 
 from __future__ import annotations
@@ -29,10 +33,19 @@ import torch
 import torchvision
 
 
+def _seeded(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(weights=None)
+
+
 def seeded_vgg16() -> torch.nn.Module:
     """vgg16 with the same random weights in every process."""
-    torch.manual_seed(0)
-    return torchvision.models.vgg16(weights=None)
+    return _seeded("vgg16")
+
+
+def seeded_resnet50() -> torch.nn.Module:
+    """resnet50 with the same random weights in every process."""
+    return _seeded("resnet50")
 
 
 def write_images(directory: Path, count: int) -> None:
@@ -48,7 +61,7 @@ def run_command(launcher: list[str], data: Path, out: Path, args, env: dict) -> 
         "captum_krypton",
         "attribute",
         "--model",
-        "benchmarks.dataset_scaling:seeded_vgg16",
+        f"benchmarks.dataset_scaling:seeded_{args.model}",
         "--data",
         str(data),
         "--out",
@@ -64,29 +77,43 @@ def run_command(launcher: list[str], data: Path, out: Path, args, env: dict) -> 
     finished = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
     if finished.returncode != 0:
-        sys.stderr.write(finished.stdout + finished.stderr)
+        sys.stderr.write(finished.stdout[-5000:] + finished.stderr[-5000:])
         raise SystemExit(f"{' '.join(command)} failed")
-    # "rank R: k/n items, T s": each rank's time over its own items
-    rank_seconds: dict[str, float] = {}
-    for rank, seconds in re.findall(r"rank (\d+): \d+/\d+ items, ([\d.]+) s", finished.stdout):
-        rank_seconds[rank] = float(seconds)
-    return {"wall_seconds": wall, "rank_seconds": rank_seconds}
+    ranks = {}
+    pattern = (
+        r"rank (\d+): wrote (\d+) items; ([\d.]+) s since start "
+        r"\(ready ([\d.]+) s, first item ([\d.]+|none) s?\)"
+    )
+    for rank, items, total, ready, first in re.findall(pattern, finished.stdout):
+        ranks[rank] = {
+            "items": int(items),
+            "seconds_since_start": float(total),
+            "ready_seconds": float(ready),
+            "first_item_seconds": None if first == "none" else float(first),
+        }
+    return {"wall_seconds": wall, "ranks": ranks}
+
+
+def read_maps(out: Path) -> np.ndarray:
+    import zarr
+
+    return zarr.open_group(str(out), mode="r")["attributions"][:]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=48)
-    parser.add_argument("--stride", type=int, default=2)
+    parser.add_argument("--model", choices=("vgg16", "resnet50"), default="vgg16")
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--stride", type=int, default=4)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument(
         "--processes",
-        type=int,
-        default=torch.cuda.device_count() or 2,
-        help="torchrun processes (default: one per GPU; 2 on a CPU)",
+        default=str(torch.cuda.device_count() or 2),
+        help="comma-separated torchrun process counts (default: one per GPU)",
     )
+    parser.add_argument("--append", action="store_true", help="keep other models' entries")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = parser.parse_args()
-    gpus = args.processes
     root = Path(tempfile.mkdtemp(prefix="dataset_scaling_"))
     data, warm = root / "data", root / "warm"
     write_images(data, args.images)
@@ -94,37 +121,47 @@ def main() -> None:
     path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     one_process = [sys.executable, "-m"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    torchrun += [f"--nproc_per_node={gpus}", "-m"]
 
     run_command(one_process, warm, root / "warm_out", args, env)
     single = run_command(one_process, data, root / "one", args, dict(env, CUDA_VISIBLE_DEVICES="0"))
-    shared = run_command(torchrun, data, root / "all", args, env)
-    largest = 0.0
-    for path in sorted((root / "one").glob("*.npy")):
-        one, every = np.load(path), np.load(root / "all" / path.name)
-        largest = max(largest, float(np.abs(one - every).max() / max(np.abs(one).max(), 1e-30)))
-    result = {
+    reference = read_maps(root / "one")
+    entry = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "processes": gpus,
         "torch": torch.__version__,
-        "model": "vgg16",
+        "model": args.model,
         "images": args.images,
         "window": args.window,
         "stride": args.stride,
-        "one_gpu": single,
-        "all_gpus": shared,
-        "wall_speedup": single["wall_seconds"] / shared["wall_seconds"],
-        "items_speedup": max(single["rank_seconds"].values())
-        / max(shared["rank_seconds"].values()),
-        "files": len(list((root / "all").glob("*.npy"))),
-        "max_difference_over_max_abs": largest,
+        "one_process": single,
+        "torchrun": {},
         "command": " ".join(["python", *sys.argv]),
     }
-    print(json.dumps(result, indent=2))
+    for processes in [int(p) for p in args.processes.split(",")]:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        torchrun += [f"--nproc_per_node={processes}", "-m"]
+        out = root / f"torchrun{processes}"
+        shared = run_command(torchrun, data, out, args, env)
+        maps = read_maps(out)
+        scale = np.abs(reference).max(axis=(1, 2), keepdims=True).clip(min=1e-30)
+        shared["wall_speedup"] = single["wall_seconds"] / shared["wall_seconds"]
+        shared["max_difference_over_max_abs"] = float((np.abs(maps - reference) / scale).max())
+        shared["all_written"] = bool(not np.isnan(maps).any())
+        entry["torchrun"][str(processes)] = shared
+        print(
+            f"{args.model}: {processes} processes {shared['wall_seconds']:.1f} s against "
+            f"{single['wall_seconds']:.1f} s: {shared['wall_speedup']:.2f}x",
+            flush=True,
+        )
+    print(json.dumps(entry, indent=2))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "dataset_scaling.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    target = Path(args.out) / "dataset_scaling.json"
+    results = {}
+    if args.append and target.exists():
+        results = json.loads(target.read_text())
+        if "model" in results:  # the older single-entry layout
+            results = {}
+    results[args.model] = entry
+    target.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

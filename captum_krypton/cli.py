@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo_parser.add_argument("--skip-captum", action="store_true", help="don't time Captum")
     run_parser = commands.add_parser(
         "attribute",
-        help="occlusion maps of a data set, one .npy per item (torchrun-ready)",
+        help="occlusion maps of a data set into a Zarr array or .npy files (torchrun-ready)",
         description=attribute.__doc__,
         epilog="example: captum-krypton attribute --model mymodels:load --data images/ "
         "--out maps/ --window 16 --stride 8 --target top  (MODULE is imported from the "
@@ -115,9 +115,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_parser.add_argument(
         "--out",
         required=True,
-        help="directory for the maps: one (H, W) float32 .npy per item (the window spans "
-        "all channels, so every channel's map is the same), named after its input file, "
-        "or NNNNNN.npy by index for MODULE:FN data; existing files are skipped (resume)",
+        help="directory for the maps and their manifest.json (settings, item names, "
+        "versions); items already there are skipped, so the same command resumes",
+    )
+    run_parser.add_argument(
+        "--format",
+        choices=("zarr", "npy"),
+        default="zarr",
+        help="zarr (default): one Zarr v3 array OUT/attributions, float32 (items, H, W), "
+        "one chunk per item, NaN where not computed, and OUT/targets (needs zarr, "
+        "pip install 'captum-krypton[dataset]'); npy: one (H, W) float32 .npy per item, "
+        "named after its input file, or NNNNNN.npy by index for MODULE:FN data (for "
+        "items of several sizes). The window spans all channels, so every channel's "
+        "map is the same and one map is kept per item",
     )
     run_parser.add_argument(
         "--window", type=int, default=12, help="window side in pixels (default 12)"
@@ -158,6 +168,7 @@ def attribute(args: argparse.Namespace) -> int:
             args.target,
             baseline=args.baseline,
             make_occlusion=IncrementalOcclusion,
+            output_format=args.format,
         )
     except KeyboardInterrupt:  # the rank has said where it stopped
         return 130

@@ -1,9 +1,12 @@
-"""Data-set runs under torchrun (2 gloo processes on the CPU): same files as one
-process, and a run killed midway resumes to the same, complete output."""
+"""Data-set runs under torchrun (2 gloo processes on the CPU): the same maps as one
+process, and a run killed midway resumes to the same, complete output; in a Zarr
+array (the default) and as .npy files."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +49,21 @@ def torchrun(out: Path, **popen) -> subprocess.Popen:
 
 
 def outputs(directory: Path) -> dict[str, np.ndarray]:
-    return {p.name: np.load(p) for p in sorted(directory.glob("*.npy"))}
+    """The maps written so far, by item name, read as any Zarr reader would."""
+    import zarr
+
+    maps = zarr.open_group(str(directory), mode="r")["attributions"]
+    names = maps.attrs["item_names"]
+    return {name: maps[i] for i, name in enumerate(names) if not np.isnan(maps[i]).all()}
+
+
+def chunks_written(directory: Path) -> int:
+    chunks = directory / "attributions" / "c"
+    return len(list(chunks.iterdir())) if chunks.exists() else 0
+
+
+def npy_outputs(directory: Path) -> dict[str, np.ndarray]:
+    return {p.stem: np.load(p) for p in sorted(directory.glob("*.npy"))}
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +93,16 @@ def reference(tmp_path_factory):
             .numpy()
         )
         np.testing.assert_allclose(
-            files[f"{i:06d}.npy"], expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+            files[f"{i:06d}"], expected, rtol=0, atol=1e-5 * np.abs(expected).max()
         )
+    import zarr
+
+    targets = zarr.open_group(str(out), mode="r")["targets"][:]
+    assert targets.tolist() == labels.tolist()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["stride"] == 2 and manifest["settings"]["window"] == 12
+    assert manifest["items"] == [f"{i:06d}" for i in range(ITEMS)]
+    assert {"captum", "torch", "captum-krypton"} <= manifest["versions"].keys()
     return files
 
 
@@ -85,7 +110,8 @@ def test_two_ranks_write_what_one_process_writes(reference, tmp_path):
     run = torchrun(tmp_path)
     log, _ = run.communicate(timeout=300)
     assert run.returncode == 0, log
-    assert "rank 0: 6/6 items" in log and "rank 1: 6/6 items" in log
+    written = [int(m) for m in re.findall(r"rank \d: wrote (\d+) items", log)]
+    assert sorted(written) != [0, ITEMS] and sum(written) == ITEMS, log  # both ranks worked
     files = outputs(tmp_path)
     assert files.keys() == reference.keys()
     for name, array in files.items():
@@ -95,7 +121,7 @@ def test_two_ranks_write_what_one_process_writes(reference, tmp_path):
 def test_a_killed_run_resumes_to_the_same_complete_output(reference, tmp_path):
     run = torchrun(tmp_path, start_new_session=True)
     deadline = time.monotonic() + 240
-    while len(list(tmp_path.glob("*.npy"))) < 2 and time.monotonic() < deadline:
+    while chunks_written(tmp_path) < 2 and time.monotonic() < deadline:
         if run.poll() is not None:
             break
         time.sleep(0.02)
@@ -109,12 +135,24 @@ def test_a_killed_run_resumes_to_the_same_complete_output(reference, tmp_path):
     resumed = torchrun(tmp_path)
     log, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, log
-    assert "done before" in log
+    # Ranks still computing an item when the launcher died may finish it: at most
+    # the items of the partial output are left, and fewer than all.
+    to_do = [int(n) for n in re.findall(rf"(\d+) of {ITEMS} items to do", log)]
+    assert len(to_do) == 2 and to_do[0] == to_do[1] <= ITEMS - len(partial), log
     files = outputs(tmp_path)
     assert files.keys() == reference.keys()
     for name, array in files.items():
         assert np.array_equal(array, reference[name]), name
-    assert not list(tmp_path.glob(".*.tmp"))  # no half-written file left
+
+
+def test_a_rerun_with_other_settings_is_refused(reference, tmp_path):
+    single(tmp_path)
+    command = [sys.executable, *COMMAND, "--out", str(tmp_path)]
+    command[command.index("--stride") + 1] = "3"
+    run = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "other settings" in run.stderr, run.stderr
+    assert outputs(tmp_path).keys() == reference.keys()  # the maps there are kept
 
 
 def test_a_directory_of_npy_images_gives_the_same_maps(reference, tmp_path):
@@ -127,13 +165,14 @@ def test_a_directory_of_npy_images_gives_the_same_maps(reference, tmp_path):
         np.save(data / f"img{i:03d}.npy", image.numpy())
     np.save(data / "labels.npy", labels.numpy())
     out = tmp_path / "maps"
-    command = [sys.executable, *COMMAND, "--out", str(out)]
+    command = [sys.executable, *COMMAND, "--out", str(out), "--format", "npy"]
     command[command.index("captum_krypton.demo.data:evaluation_set")] = str(data)
     subprocess.run(command, check=True, env=ENV, timeout=300)
-    files = outputs(out)  # named after their inputs
-    assert sorted(files) == [f"img{i:03d}.npy" for i in range(ITEMS)]
+    files = npy_outputs(out)  # named after their inputs
+    assert sorted(files) == [f"img{i:03d}" for i in range(ITEMS)]
+    assert json.loads((out / "manifest.json").read_text())["items"] == sorted(files)
     for i in range(ITEMS):
-        array, expected = files[f"img{i:03d}.npy"], reference[f"{i:06d}.npy"]
+        array, expected = files[f"img{i:03d}"], reference[f"{i:06d}"]
         # The same values in differently allocated inputs: equal up to float rounding.
         np.testing.assert_allclose(array, expected, rtol=0, atol=1e-5 * np.abs(array).max())
 
@@ -184,7 +223,7 @@ def test_the_console_command_imports_from_the_current_folder_and_takes_a_baselin
         expected = Occlusion(model).attribute(
             images[i : i + 1], (3, 4, 4), strides=(3, 3, 3), target=int(labels[i]), baselines=0.5
         )[0, 0]
-        actual = np.load(tmp_path / "maps" / f"{i:06d}.npy")
+        actual = outputs(tmp_path / "maps")[f"{i:06d}"]
         assert actual.shape == tuple(expected.shape)
         np.testing.assert_allclose(actual, expected.numpy(), rtol=1e-5, atol=1e-7)
 
@@ -198,7 +237,7 @@ def test_ctrl_c_stops_with_one_line_and_resumes(tmp_path):
         text=True,
     )
     deadline = time.monotonic() + 240
-    while not list(tmp_path.glob("*.npy")) and time.monotonic() < deadline:
+    while not chunks_written(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.02)
     run.send_signal(signal.SIGINT)
     log, _ = run.communicate(timeout=120)
@@ -211,5 +250,50 @@ def test_ctrl_c_stops_with_one_line_and_resumes(tmp_path):
         [sys.executable, *COMMAND, "--out", str(tmp_path)],
         env=ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert resumed.returncode == 0 and "done before" in resumed.stdout
-    assert len(list(tmp_path.glob("*.npy"))) == ITEMS
+    assert resumed.returncode == 0 and f"of {ITEMS} items to do" in resumed.stdout
+    assert len(outputs(tmp_path)) == ITEMS
+
+
+class _RecordingOcclusion:
+    """Captum's Occlusion, recording the spatial size of each item it is given."""
+
+    def __init__(self, model):
+        from captum.attr import Occlusion
+
+        self.occlusion = Occlusion(model)
+        self.sizes: list[int] = []
+
+    def attribute(self, inputs, **kwargs):
+        self.sizes.append(inputs.shape[-1])
+        return self.occlusion.attribute(inputs, **kwargs)
+
+
+def test_items_of_several_sizes_go_largest_first_as_npy_files(tmp_path, monkeypatch):
+    """In one process: the largest items (by windows x pixels) first, named after
+    their files; a Zarr store refuses items of several sizes with a clear error."""
+    from captum_krypton.parallel import distributed
+
+    data = tmp_path / "data"
+    data.mkdir()
+    sizes = [12, 20, 16, 24]
+    for i, size in enumerate(sizes):
+        np.save(data / f"img{i}.npy", np.random.default_rng(i).normal(size=(3, size, size)))
+    (tmp_path / "sized_models.py").write_text(MODEL_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recorded = []
+
+    def make(model):
+        recorded.append(_RecordingOcclusion(model))
+        return recorded[-1]
+
+    options = dict(window=4, stride=4, target="0", log=lambda line: None, make_occlusion=make)
+    written = distributed.run(
+        "sized_models:load", str(data), str(tmp_path / "npy"), output_format="npy", **options
+    )
+    assert written == len(sizes)
+    assert recorded[0].sizes == sorted(sizes, reverse=True)
+    assert sorted(npy_outputs(tmp_path / "npy")) == [f"img{i}" for i in range(len(sizes))]
+    for i, size in enumerate(sizes):
+        assert npy_outputs(tmp_path / "npy")[f"img{i}"].shape == (size, size)
+    with pytest.raises(ValueError, match="several sizes need --format npy"):
+        distributed.run("sized_models:load", str(data), str(tmp_path / "zarr"), **options)

@@ -1,12 +1,16 @@
-"""Data-set runs: attributions of every item of a data set, sharded over the
-ranks of torch.distributed (launched with torchrun), one .npy file per item.
+"""Data-set runs: attributions of every item of a data set, shared over the
+ranks of torch.distributed (launched with torchrun), written to one store.
 
-Item i goes to rank i % world_size. The window spans every channel, so all
-channels of a map are equal: one map over the spatial dims is saved per item,
-named after the item's file for a directory of .npy images (`cat.npy` ->
-`OUT/cat.npy`), else `OUT/NNNNNN.npy` by index. Each result is written to a
-temporary file and renamed into place, so a file under its final name is always complete; a
-rerun skips items whose file exists, so a killed run resumes where it stopped.
+Items are handed out one at a time from a counter in torch.distributed's store:
+a rank takes the next item when it has finished its last, so ranks stay
+balanced by what items really cost them (a slower GPU, a larger image), and the
+largest items (by windows times pixels) go first so the run ends evenly. The
+maps go to a Zarr array (one chunk per item) or one .npy per item
+(parallel/map_store.py), with a manifest of settings and versions; a rerun skips
+items already written, so a killed run resumes where it stopped.
+
+Only the store and a final barrier are shared, so the process group is gloo even
+on GPUs: no NCCL communicator is built for a run that never sends a tensor.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from captum_krypton.parallel.map_store import check_or_write_manifest, make_store, versions
 
 
 def load_object(spec: str) -> Any:
@@ -54,6 +60,10 @@ class NpyFolder:
     def __getitem__(self, index: int) -> torch.Tensor:
         return torch.from_numpy(np.load(self.files[index])).float()
 
+    def shape(self, index: int) -> tuple[int, ...]:
+        """The item's shape, read from its file's header only."""
+        return tuple(np.load(self.files[index], mmap_mode="r").shape)
+
 
 def load_data(spec: str) -> tuple[Any, Any]:
     """(images, labels) from a directory of .npy files or a MODULE:FUNCTION."""
@@ -71,7 +81,8 @@ class Rank:
 
 
 def start_rank() -> Rank:
-    """Join torch.distributed when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    """Join torch.distributed when launched by torchrun (gloo: see the module's
+    docstring); this rank's GPU is cuda:LOCAL_RANK where there are GPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -79,27 +90,100 @@ def start_rank() -> Rank:
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="gloo")
     index = dist.get_rank() if dist.is_initialized() else 0
     return Rank(index, world, device)
 
 
-def item_path(out: Path, index: int, images: Any = None) -> Path:
-    """Where item `index`'s map goes: named after its input file where it has one."""
+def item_names(images: Any) -> list[str]:
+    """Each item's name: its input file's stem, else its index as NNNNNN."""
     files = getattr(images, "files", None)
     if files is not None:
-        return out / f"{Path(files[index]).stem}.npy"
-    return out / f"{index:06d}.npy"
+        return [Path(f).stem for f in files]
+    return [f"{i:06d}" for i in range(len(images))]
 
 
-def save_atomically(path: Path, array: np.ndarray, rank: int) -> None:
-    """Write to a temporary name in the same directory, then rename into place."""
-    temporary = path.with_name(f".{path.name}.rank{rank}.tmp")
-    with open(temporary, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+def _window_count(size: int, window: int, stride: int) -> int:
+    return max(size - window, 0) // stride + 1
+
+
+def estimated_costs(images: Any, window: int, stride: int) -> list[int] | None:
+    """Windows times pixels per item, where shapes are known without loading the
+    items (a folder of .npy files, a list of tensors); None when all items share
+    one shape or it would take loading them."""
+    if isinstance(images, torch.Tensor):
+        return None
+    if isinstance(images, NpyFolder):
+        shapes = [images.shape(i) for i in range(len(images))]
+    elif isinstance(images, (list, tuple)) and all(hasattr(x, "shape") for x in images):
+        shapes = [tuple(x.shape) for x in images]
+    else:
+        return None
+    if len(set(shapes)) <= 1:
+        return None
+    costs = []
+    for shape in shapes:
+        windows = int(np.prod([_window_count(n, window, stride) for n in shape[1:]]))
+        costs.append(windows * int(np.prod(shape[1:])))
+    return costs
+
+
+class WorkQueue:
+    """The items still to do, handed out one at a time to whichever rank asks
+    first, through a counter in torch.distributed's key-value store (one process:
+    in order)."""
+
+    def __init__(self, todo: list[int]):
+        self.todo = todo
+        self._next = 0
+        self._store = None
+        if dist.is_initialized():
+            try:
+                self._store = dist.distributed_c10d._get_default_store()
+            except (AttributeError, RuntimeError):
+                self._store = None
+            restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            self._key = f"captum_krypton/next_item/{restarts}"
+            if self._store is None:  # no shared counter: a fixed share per rank
+                rank, world = dist.get_rank(), dist.get_world_size()
+                self.todo = todo[rank::world]
+
+    def next(self) -> int | None:
+        """The next item to compute, or None when all are taken."""
+        if self._store is not None:
+            position = int(self._store.add(self._key, 1)) - 1
+        else:
+            position = self._next
+            self._next += 1
+        return self.todo[position] if position < len(self.todo) else None
+
+
+def _shared_from_first_rank(compute: Callable[[], Any]) -> Any:
+    """`compute()` on rank 0, its result (or its error, raised) on every rank."""
+    payload: list[Any] = [None]
+    error: Exception | None = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            payload = [("ok", compute())]
+        except Exception as exc:  # every rank stops, not only the first
+            error, payload = exc, [("error", f"{type(exc).__name__}: {exc}")]
+    if dist.is_initialized():
+        dist.broadcast_object_list(payload, src=0)
+    if error is not None:
+        raise error
+    kind, value = payload[0]
+    if kind == "error":
+        raise RuntimeError(f"the first rank could not start the run: {value}")
+    return value
+
+
+def _item_target(model: nn.Module, inputs: torch.Tensor, target: str, labels: Any, i: int) -> int:
+    if target == "label":
+        return int(labels[i])
+    if target == "top":
+        with torch.no_grad():
+            return int(model(inputs).argmax(1)[0])
+    return int(target)
 
 
 def run(
@@ -113,58 +197,102 @@ def run(
     baseline: float = 0.0,
     *,
     make_occlusion: Callable[[nn.Module], Any],
+    output_format: str = "zarr",
 ) -> int:
-    """Attribute this rank's share of the data set; returns items written now.
-    `make_occlusion(model)` gives what attributes: an object with Captum's
-    `Occlusion.attribute` (the command line passes IncrementalOcclusion).
+    """Attribute the items of a data set that this rank takes; returns how many it
+    wrote. `make_occlusion(model)` gives what attributes: an object with
+    Captum's `Occlusion.attribute` (the command line passes IncrementalOcclusion).
     `baseline`: the value occluded positions take (Captum's `baselines`).
-    Ctrl-C stops between items with one line per rank; the same call resumes."""
+    `output_format`: "zarr" or "npy" (parallel/map_store.py). The window spans
+    every channel, so one map over the spatial dims is kept per item. Ctrl-C
+    stops between items with one line per rank; the same call resumes."""
+    began = time.perf_counter()
     rank = start_rank()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f".*.rank{rank.index}.tmp"):  # left by a killed run
-        stale.unlink()
-    model = load_object(model_spec).to(rank.device).eval()
     images, labels = load_data(data_spec)
     if target == "label" and labels is None:
         raise ValueError("the data has no labels: pass --target top or a class index")
+    names = item_names(images)
+    store = make_store(output_format, out_dir, names)
+
+    def plan_the_run() -> list[int]:
+        settings = {
+            "model": model_spec,
+            "data": data_spec,
+            "window": window,
+            "stride": stride,
+            "target": target,
+            "baseline": baseline,
+            "format": output_format,
+            "sliding_window_shapes": "(C, window, window): every channel",
+            "strides": "(C, stride, stride)",
+        }
+        manifest = {
+            "settings": settings,
+            "items": names,
+            "attribution": "Captum's Occlusion: target output of the input minus that "
+            "of the occluded input, averaged over the windows covering each position",
+            "versions": versions(),
+        }
+        check_or_write_manifest(out_dir, manifest)
+        store.create(tuple(images[0].shape[1:]))
+        store.open()
+        todo = [i for i in range(len(names)) if not store.done(i)]
+        costs = estimated_costs(images, window, stride)
+        if costs is not None:  # largest first: the run's last items are short
+            todo.sort(key=lambda i: -costs[i])
+        return todo
+
+    todo = _shared_from_first_rank(plan_the_run)
+    store.open()
+    store.remove_partial(rank.index)
+    model = load_object(model_spec).to(rank.device).eval()
     occlusion = make_occlusion(model)
-    mine = [i for i in range(len(images)) if i % rank.world == rank.index]
-    todo = [i for i in mine if not item_path(out_dir, i, images).exists()]
-    log(f"rank {rank.index}/{rank.world}: {len(mine)} items, {len(mine) - len(todo)} done before")
-    started = time.perf_counter()
+    queue = WorkQueue(todo)
+    ready = time.perf_counter() - began
+    log(
+        f"rank {rank.index}/{rank.world}: {len(todo)} of {len(names)} items to do; "
+        f"ready in {ready:.1f} s"
+    )
+    written, first_item, last_log = 0, None, 0.0
     try:
-        for done, i in enumerate(todo, 1):
+        while (i := queue.next()) is not None:
+            item_start = time.perf_counter()
             inputs = images[i][None].to(rank.device)
-            if target == "label":
-                item_target = int(labels[i])
-            elif target == "top":
-                with torch.no_grad():
-                    item_target = int(model(inputs).argmax(1)[0])
-            else:
-                item_target = int(target)
+            item_target = _item_target(model, inputs, target, labels, i)
             channels = inputs.shape[1]
+            spatial = inputs.dim() - 2
             attribution = occlusion.attribute(
                 inputs,
-                sliding_window_shapes=(channels, window, window),
-                strides=(channels, stride, stride),
+                sliding_window_shapes=(channels,) + (window,) * spatial,
+                strides=(channels,) + (stride,) * spatial,
                 target=item_target,
                 baselines=baseline,
             )
-            spatial = attribution[0, 0].cpu().numpy()  # every channel holds the same map
-            save_atomically(item_path(out_dir, i, images), spatial, rank.index)
-            elapsed = time.perf_counter() - started
-            log(f"rank {rank.index}: {done}/{len(todo)} items, {elapsed:.1f} s")
+            store.write(i, attribution[0, 0].cpu().numpy(), item_target, rank.index)
+            written += 1
+            now = time.perf_counter()
+            first_item = first_item if first_item is not None else now - item_start
+            if now - last_log >= 5.0:
+                log(f"rank {rank.index}: {written} items, {now - began:.1f} s")
+                last_log = now
     except KeyboardInterrupt:
-        finished = sum(item_path(out_dir, i, images).exists() for i in mine)
+        finished = sum(store.done(i) for i in range(len(names)))
         log(
-            f"rank {rank.index}: interrupted, {finished}/{len(mine)} items written; "
-            "the same command resumes"
+            f"rank {rank.index}: interrupted after writing {written} items; "
+            f"{finished}/{len(names)} are written; the same command resumes"
         )
         if dist.is_initialized():
             dist.destroy_process_group()
         raise
+    elapsed = time.perf_counter() - began
+    first = f"{first_item:.1f} s" if first_item is not None else "none"
+    log(
+        f"rank {rank.index}: wrote {written} items; {elapsed:.1f} s since start "
+        f"(ready {ready:.1f} s, first item {first})"
+    )
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return len(todo)
+    return written
