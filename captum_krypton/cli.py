@@ -147,14 +147,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="value of occluded pixels, in the input's normalized units (default 0, "
         "Captum's default)",
     )
+    run_parser.add_argument(
+        "--nproc-per-node",
+        default=None,
+        metavar="N",
+        help="run N ranks on this machine, one per GPU ('gpu': as many as there are "
+        "GPUs), without torchrun: this process is rank 0 and starts the others first, "
+        "so their start overlaps its work (use torchrun for several machines)",
+    )
+    run_parser.add_argument(
+        "--no-tf32",
+        action="store_true",
+        help="float32 convolutions and matrix products without TF32 on GPUs "
+        "(torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = "
+        "False): slower, and maps that agree across GPUs and processes to float32 "
+        "rounding; with TF32 (PyTorch's default for convolutions) each process's "
+        "cuDNN choices round differently",
+    )
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return {"demo": demo, "attribute": attribute}[args.command](args)
 
 
 def attribute(args: argparse.Namespace) -> int:
     """Attribute every item of a data set (this rank's share under torchrun)."""
+    from captum_krypton.parallel.launch import LocalRanks, RankFailed, rank_command
+
+    local_ranks = None
+    if args.nproc_per_node is not None and "WORLD_SIZE" not in os.environ:
+        count = args.nproc_per_node
+        processes = torch.cuda.device_count() if count == "gpu" else int(count)
+        if processes > 1:
+            local_ranks = LocalRanks(rank_command(args.argv), processes)
+            local_ranks.start()  # before the imports below: the others start meanwhile
+
     from captum_krypton import IncrementalOcclusion
     from captum_krypton.parallel.distributed import run
+
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # MODULE:FN from the current folder, as `python -m`
@@ -169,9 +201,13 @@ def attribute(args: argparse.Namespace) -> int:
             baseline=args.baseline,
             make_occlusion=IncrementalOcclusion,
             output_format=args.format,
+            local_ranks=local_ranks,
         )
     except KeyboardInterrupt:  # the rank has said where it stopped
         return 130
+    except RankFailed as exc:
+        print(f"rank 0: stopped: {exc}", file=sys.stderr)
+        return exc.status if exc.status > 0 else 1
     return 0
 
 

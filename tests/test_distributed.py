@@ -297,3 +297,68 @@ def test_items_of_several_sizes_go_largest_first_as_npy_files(tmp_path, monkeypa
         assert npy_outputs(tmp_path / "npy")[f"img{i}"].shape == (size, size)
     with pytest.raises(ValueError, match="several sizes need --format npy"):
         distributed.run("sized_models:load", str(data), str(tmp_path / "zarr"), **options)
+
+
+def local_run(out: Path, *extra: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, *COMMAND, "--out", str(out), "--nproc-per-node", "2", *extra],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def test_ranks_launched_by_the_command_write_what_one_process_writes(reference, tmp_path):
+    run = local_run(tmp_path)
+    log, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, log
+    written = [int(m) for m in re.findall(r"rank \d: wrote (\d+) items", log)]
+    assert len(written) == 2 and sum(written) == ITEMS, log
+    files = outputs(tmp_path)
+    assert files.keys() == reference.keys()
+    for name, array in files.items():
+        assert np.array_equal(array, reference[name]), name
+
+
+FAILING_RANK = """
+import os
+from captum_krypton.demo.model import load_demo_model
+
+
+def load():
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("rank 1 cannot load its model")
+    return load_demo_model()
+"""
+
+
+def test_a_rank_that_fails_stops_the_local_run(tmp_path):
+    (tmp_path / "failing_rank.py").write_text(FAILING_RANK)
+    command = [sys.executable, *COMMAND, "--out", str(tmp_path / "maps"), "--nproc-per-node", "2"]
+    command[command.index("--model") + 1] = "failing_rank:load"
+    run = subprocess.run(
+        command, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode != 0
+    assert "rank 1 cannot load its model" in run.stderr
+    assert "rank 1 exited with status" in run.stderr
+
+
+def test_ctrl_c_stops_every_local_rank_with_one_line_each_and_resumes(tmp_path):
+    run = local_run(tmp_path, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while chunks_written(tmp_path) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    log, _ = run.communicate(timeout=120)
+    if run.returncode == 0:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert run.returncode == 130, log
+    assert "Traceback" not in log, log
+    assert len(re.findall(r"rank \d: interrupted", log)) == 2, log
+    resumed = local_run(tmp_path)
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, log
+    assert len(outputs(tmp_path)) == ITEMS

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from captum_krypton.parallel.launch import LAUNCHED_BY_RANK_0, LocalRanks
 from captum_krypton.parallel.map_store import check_or_write_manifest, make_store, versions
 
 
@@ -198,14 +199,18 @@ def run(
     *,
     make_occlusion: Callable[[nn.Module], Any],
     output_format: str = "zarr",
+    local_ranks: LocalRanks | None = None,
 ) -> int:
     """Attribute the items of a data set that this rank takes; returns how many it
     wrote. `make_occlusion(model)` gives what attributes: an object with
     Captum's `Occlusion.attribute` (the command line passes IncrementalOcclusion).
     `baseline`: the value occluded positions take (Captum's `baselines`).
     `output_format`: "zarr" or "npy" (parallel/map_store.py). The window spans
-    every channel, so one map over the spatial dims is kept per item. Ctrl-C
-    stops between items with one line per rank; the same call resumes."""
+    every channel, so one map over the spatial dims is kept per item.
+    `local_ranks`: the other ranks, when this process launched them
+    (parallel/launch.py); it then waits for them instead of a barrier, keeping
+    the shared store (which it hosts) up until they are done. Ctrl-C stops
+    between items with one line per rank; the same call resumes."""
     began = time.perf_counter()
     rank = start_rank()
     out_dir = Path(out)
@@ -277,14 +282,22 @@ def run(
             if now - last_log >= 5.0:
                 log(f"rank {rank.index}: {written} items, {now - began:.1f} s")
                 last_log = now
+            if local_ranks is not None:
+                local_ranks.check()
     except KeyboardInterrupt:
         finished = sum(store.done(i) for i in range(len(names)))
         log(
             f"rank {rank.index}: interrupted after writing {written} items; "
             f"{finished}/{len(names)} are written; the same command resumes"
         )
+        if local_ranks is not None:
+            local_ranks.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    except BaseException:
+        if local_ranks is not None:
+            local_ranks.stop()
         raise
     elapsed = time.perf_counter() - began
     first = f"{first_item:.1f} s" if first_item is not None else "none"
@@ -292,7 +305,10 @@ def run(
         f"rank {rank.index}: wrote {written} items; {elapsed:.1f} s since start "
         f"(ready {ready:.1f} s, first item {first})"
     )
-    if dist.is_initialized():
+    if local_ranks is not None:
+        local_ranks.wait()
+    elif dist.is_initialized() and os.environ.get(LAUNCHED_BY_RANK_0) != "1":
         dist.barrier()
+    if dist.is_initialized():
         dist.destroy_process_group()
     return written
