@@ -1,7 +1,8 @@
-// Front end of captum_krypton.widget.OcclusionWidget: draws the image and the
-// heatmap (a float32 buffer coloured through a 256-entry lookup table sent by
-// Python), the legend, progress and status; turns controls and mouse input into
-// trait changes and messages (compute, cancel, probe).
+// Front end of captum_krypton.widget.OcclusionWidget: draws the heatmap (a float32
+// buffer coloured through a 256-entry lookup table sent by Python) over the image in
+// greyscale, as Captum's blended heat map; the colorbar and legend (limits, ticks and
+// words computed in Python), progress and status; turns controls and mouse input
+// into trait changes and messages (compute, cancel, probe).
 
 function element(tag, className, parent, text) {
   const node = document.createElement(tag);
@@ -59,6 +60,13 @@ function render({ model, el }) {
   const targetWrap = element("label", "ckw-control", controls);
   element("span", "ckw-label", targetWrap, "class");
   const target = element("select", "ckw-target", targetWrap);
+  const signWrap = element("label", "ckw-control", controls);
+  element("span", "ckw-label", signWrap, "sign");
+  const sign = element("select", "ckw-sign", signWrap);
+  for (const name of ["all", "positive", "negative", "absolute_value"]) {
+    const option = element("option", null, sign, name);
+    option.value = name;
+  }
   const cmapWrap = element("label", "ckw-control", controls);
   element("span", "ckw-label", cmapWrap, "colormap");
   const colormap = element("select", "ckw-colormap", cmapWrap);
@@ -77,10 +85,15 @@ function render({ model, el }) {
   const canvas = element("canvas", "ckw-heatmap", stage);
   const roiBox = element("div", "ckw-roi", stage);
   const side = element("div", "ckw-side", main);
-  const legend = element("canvas", "ckw-legend", side);
-  legend.width = 160;
-  legend.height = 14;
-  const legendText = element("div", "ckw-legend-text", side);
+  const legendBox = element("div", "ckw-legend-box", side);
+  const legendTitle = element("div", "ckw-legend-title", legendBox);
+  const scale = element("div", "ckw-scale", legendBox);
+  const legend = element("canvas", "ckw-legend", scale);
+  legend.width = 220;
+  legend.height = 12;
+  const ticks = element("div", "ckw-ticks", scale);
+  const ends = element("div", "ckw-ends", scale);
+  const legendNote = element("div", "ckw-legend-note", legendBox);
   const hover = element("div", "ckw-hover", side, "hover: -");
   const probeCanvas = element("canvas", "ckw-probe", side);
   const probeText = element(
@@ -102,7 +115,7 @@ function render({ model, el }) {
     const { height, width } = size();
     base.width = width;
     base.height = height;
-    const pixels = bytesOf(model.get("image_rgba"));
+    const pixels = bytesOf(model.get("grey_rgba"));
     if (pixels.length === width * height * 4 && width > 0) {
       base.getContext("2d").putImageData(new ImageData(new Uint8ClampedArray(pixels), width, height), 0, 0);
     }
@@ -117,35 +130,55 @@ function render({ model, el }) {
     canvas.style.height = `${height * scale}px`;
     const context = canvas.getContext("2d");
     context.drawImage(base, 0, 0);
-    heat = floatsOf(model.get("heatmap"));
-    if (heat.length !== width * height) return;
     const lut = bytesOf(model.get("colormap_lut"));
+    drawLegend(lut);
+    heat = floatsOf(model.get("heatmap"));
+    if (heat.length !== width * height || lut.length < 1024) return;
     const [lo, hi] = model.get("value_range");
+    const shownSign = model.get("sign");
     const alpha = model.get("opacity");
     const image = context.getImageData(0, 0, width, height);
     const data = image.data;
-    const span = hi > lo ? hi - lo : 1;
+    // Position on the colorbar, 0..1: the value (|value| for absolute_value) between
+    // the limits, clamped (so "positive" draws values below 0 as 0, "negative" those
+    // above 0); an empty range puts everything at 0 (the middle for a signed map).
+    const empty = shownSign === "all" ? 0.5 : 0;
     for (let i = 0; i < heat.length; i++) {
-      const value = heat[i];
-      if (!Number.isFinite(value) || lut.length < 1024) continue;
-      const index = Math.max(0, Math.min(255, Math.round(((value - lo) / span) * 255))) * 4;
+      const raw = heat[i];
+      if (!Number.isFinite(raw)) continue; // not computed: the image shows
+      const value = shownSign === "absolute_value" ? Math.abs(raw) : raw;
+      const t = hi > lo ? (value - lo) / (hi - lo) : empty;
+      const index = Math.max(0, Math.min(255, Math.round(t * 255))) * 4;
       const o = i * 4;
       data[o] = (1 - alpha) * data[o] + alpha * lut[index];
       data[o + 1] = (1 - alpha) * data[o + 1] + alpha * lut[index + 1];
       data[o + 2] = (1 - alpha) * data[o + 2] + alpha * lut[index + 2];
     }
     context.putImageData(image, 0, 0);
-    drawLegend(lut, lo, hi);
   }
 
-  function drawLegend(lut, lo, hi) {
+  function drawLegend(lut) {
     const context = legend.getContext("2d");
     for (let x = 0; x < legend.width; x++) {
       const index = Math.round((x / (legend.width - 1)) * 255) * 4;
       context.fillStyle = lut.length >= 1024 ? `rgb(${lut[index]},${lut[index + 1]},${lut[index + 2]})` : "#ccc";
       context.fillRect(x, 0, 1, legend.height);
     }
-    legendText.textContent = `${lo.toPrecision(3)}  …  ${hi.toPrecision(3)}`;
+    const info = model.get("legend") || {};
+    const [lo, hi] = model.get("value_range");
+    legendTitle.textContent = info.title || "";
+    legendNote.textContent = info.note || "";
+    ticks.replaceChildren();
+    for (const [value, label] of info.ticks || []) {
+      const tick = element("span", "ckw-tick", ticks, label);
+      tick.dataset.value = String(value);
+      const at = hi > lo ? (value - lo) / (hi - lo) : 0.5;
+      tick.style.left = `${Math.max(0, Math.min(1, at)) * 100}%`;
+    }
+    ends.replaceChildren();
+    const [left, right] = info.ends || ["", ""];
+    element("span", "ckw-end ckw-end-low", ends, left);
+    element("span", "ckw-end ckw-end-high", ends, right);
   }
 
   function drawProbe() {
@@ -203,6 +236,7 @@ function render({ model, el }) {
       if (name !== "opacity") control.input.disabled = !model.get("approximate");
     }
     colormap.value = model.get("colormap");
+    sign.value = model.get("sign");
     target.replaceChildren();
     for (const entry of model.get("classes")) {
       const option = element("option", null, target, `${entry.label} (${(entry.probability * 100).toFixed(1)}%)`);
@@ -240,6 +274,10 @@ function render({ model, el }) {
   });
   target.addEventListener("change", () => {
     model.set("target", parseInt(target.value, 10));
+    model.save_changes();
+  });
+  sign.addEventListener("change", () => {
+    model.set("sign", sign.value);
     model.save_changes();
   });
   colormap.addEventListener("change", () => {
@@ -300,11 +338,11 @@ function render({ model, el }) {
   showProgress();
   showStatus();
   showRoi();
-  model.on("change:image_rgba", () => { drawBase(); drawHeatmap(); });
-  for (const name of ["heatmap", "colormap_lut", "value_range", "opacity"]) {
+  model.on("change:grey_rgba", () => { drawBase(); drawHeatmap(); });
+  for (const name of ["heatmap", "colormap_lut", "value_range", "opacity", "sign", "legend"]) {
     model.on(`change:${name}`, drawHeatmap);
   }
-  for (const name of ["window", "stride", "approximate", "tau", "drilldown", "target_ssim", "target", "classes", "colormap", "opacity", "running"]) {
+  for (const name of ["window", "stride", "approximate", "tau", "drilldown", "target_ssim", "target", "classes", "sign", "colormap", "opacity", "running"]) {
     model.on(`change:${name}`, syncControls);
   }
   model.on("change:progress", showProgress);

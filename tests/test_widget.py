@@ -1,5 +1,6 @@
 """The notebook widget's Python side, without a browser: traits, buffers, runs,
-cancel and restart, errors, probes, saving."""
+cancel and restart, errors, probes, saving, and what the colours mean (greyscale
+image, colour limits, legend)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+import traitlets
 from captum.attr import Occlusion
 
 pytest.importorskip("anywidget")
@@ -63,11 +65,8 @@ def test_a_run_sends_captums_numbers_as_a_float32_buffer(model, image):
     assert isinstance(widget.heatmap, bytes) and len(widget.heatmap) == 20 * 20 * 4
     np.testing.assert_allclose(_heatmap(widget), expected[0].mean(0).numpy(), atol=1e-5)
     heat = _heatmap(widget)
-    lo, hi = widget.value_range
-    if heat.min() < 0 < heat.max():  # signed: symmetric range for a diverging colormap
-        assert -lo == hi == pytest.approx(float(np.abs(heat).max()))
-    else:
-        assert (lo, hi) == pytest.approx((float(heat.min()), float(heat.max())))
+    lo, hi = widget.value_range  # sign "all": symmetric, 0 in the middle of the colorbar
+    assert widget.sign == "all" and -lo == hi == pytest.approx(float(np.abs(heat).max()))
     assert len(widget.image_rgba) == 20 * 20 * 4
     assert widget.progress["done"] == widget.progress["planned"] == 81
     assert widget.run_count == 1 and "81 of 81 windows" in widget.status
@@ -84,7 +83,7 @@ def test_colormap_lookup_table_is_matplotlibs(model, image):
 
 def test_top_classes_and_default_target(model, image):
     labels = ["a", "b", "c", "d", "e"]
-    widget = OcclusionWidget(model, image, labels=labels, autorun=False)
+    widget = OcclusionWidget(model, image, class_names=labels, autorun=False)
     with torch.no_grad():
         probabilities = torch.softmax(model(image[None])[0], 0)
     assert [c["index"] for c in widget.classes] == probabilities.argsort(descending=True).tolist()
@@ -308,3 +307,161 @@ def test_a_new_run_clears_the_last_status_and_error(model):
     assert widget.wait(WAIT) and "of 121 windows" in widget.status
     assert seen[:2] == [("status", "running"), ("error", "")], seen
     assert seen[-1][0] == "status" and "of 121 windows" in seen[-1][1]
+
+
+# ------------------------------------------------------------ what the colours mean
+
+
+class Total(torch.nn.Module):
+    """Two outputs: the sum of the input and its negative. On a positive image,
+    occluding (with baseline 0) lowers output 0 and raises output 1."""
+
+    def forward(self, x):
+        total = x.sum(dim=(1, 2, 3))
+        return torch.stack([total, -total], dim=1)
+
+
+def test_greyscale_is_captums_blended_heat_map_background(model):
+    """Captum draws `np.mean(image, axis=2)` with cmap "gray": matplotlib scales the
+    grey image's own min..max to black..white. The widget sends that, as RGBA."""
+    rng = np.random.default_rng(0)
+    rgb = rng.uniform(0.2, 0.7, size=(20, 20, 3)).astype(np.float32)
+    grey = occlusion.greyscale(rgb)
+    expected = matplotlib.colors.Normalize()(np.mean(rgb, axis=2))
+    np.testing.assert_allclose(grey, expected, atol=1e-6)
+    assert grey.min() == 0 and grey.max() == pytest.approx(1)
+    np.testing.assert_array_equal(occlusion.greyscale(np.full((4, 4, 3), 0.3)), 0.3)
+
+    widget = OcclusionWidget(model, torch.randn(3, 20, 20), display_image=rgb, autorun=False)
+    sent = np.frombuffer(widget.grey_rgba, np.uint8).reshape(20, 20, 4)
+    np.testing.assert_array_equal(sent[..., :3], np.round(grey * 255)[..., None].repeat(3, -1))
+    assert (sent[..., 3] == 255).all()
+    colour = np.frombuffer(widget.image_rgba, np.uint8).reshape(20, 20, 4)
+    np.testing.assert_array_equal(colour[..., :3], np.round(rgb * 255))  # kept for the probe
+
+
+@pytest.mark.parametrize(
+    ("sign", "limits", "ticks"),
+    [
+        ("all", (-3.0, 3.0), [(-3.0, "−3"), (0.0, "0"), (3.0, "3")]),
+        ("positive", (0.0, 2.0), [(0.0, "0"), (1.0, "1"), (2.0, "2")]),
+        ("negative", (-3.0, 0.0), [(-3.0, "−3"), (-1.5, "−1.5"), (0.0, "0")]),
+        ("absolute_value", (0.0, 3.0), [(0.0, "0"), (1.5, "1.5"), (3.0, "3")]),
+    ],
+)
+def test_colour_limits_and_ticks_follow_captums_sign(sign, limits, ticks):
+    heatmap = np.array([[2.0, -3.0], [0.5, np.nan]], dtype=np.float32)
+    lo, hi = occlusion.colour_limits(heatmap, sign)
+    assert (lo, hi) == limits
+    assert [tuple(t) for t in occlusion.colour_ticks(lo, hi)] == ticks
+
+
+def test_colour_limits_of_one_sign_maps_and_of_no_map():
+    positive = np.array([1.0, 4.0])
+    assert occlusion.colour_limits(positive, "all") == (-4.0, 4.0)  # still zero-centred
+    assert occlusion.colour_limits(positive, "positive") == (0.0, 4.0)  # from 0, not from 1
+    assert occlusion.colour_limits(positive, "negative") == (0.0, 0.0)  # nothing to show
+    assert occlusion.colour_limits(-positive, "negative") == (-4.0, 0.0)
+    assert occlusion.colour_limits(np.full(3, np.nan), "all") == (0.0, 0.0)
+    assert occlusion.colour_ticks(0.0, 0.0) == [[0.0, "0"]]
+    assert occlusion.colour_ticks(-0.0123, 0.0123)[0] == [-0.0123, "−0.0123"]
+    with pytest.raises(ValueError, match="sign must be one of"):
+        occlusion.colour_limits(positive, "both")
+
+
+def test_the_legend_names_the_quantity_the_class_and_the_sign_convention():
+    image = torch.rand(3, 12, 12) + 0.1
+    widget = OcclusionWidget(
+        Total(), image, window=4, stride=4, target=0, class_names=["up", "down"], engine="captum"
+    )
+    assert widget.wait(WAIT) and widget.error == ""
+    legend = widget.legend
+    assert legend["title"] == (
+        "Change in the model's output for “up” (target 0) when the window is occluded: "
+        "output(image) − output(occluded)"
+    )
+    assert "> 0: occluding lowers the output; < 0: occluding raises it." in legend["note"]
+    assert "4×4 windows" in legend["note"]
+    assert legend["ends"] == ["occluding raises it", "occluding lowers it"]
+    lo, hi = widget.value_range
+    assert [value for value, _ in legend["ticks"]] == [lo, 0.0, hi]
+    # The convention holds: occluding lowers output 0, and its map is > 0 everywhere.
+    assert (widget.attribution > 0).all() and (_heatmap(widget) > 0).all()
+
+    widget.target = 1  # a new run; the legend changes with the map it describes
+    assert widget.wait(WAIT)
+    assert "“down” (target 1)" in widget.legend["title"]
+    assert (widget.attribution < 0).all()
+
+
+def test_class_names_as_a_mapping_or_unknown():
+    image = torch.rand(3, 8, 8)
+    named = OcclusionWidget(Total(), image, target=1, class_names={1: "down"}, autorun=False)
+    assert "for “down” (target 1) when" in named.legend["title"]
+    assert named.legend["ticks"] == []  # no map yet: no scale
+    assert [c["label"] for c in named.classes] == ["class 0", "down"]
+    unnamed = OcclusionWidget(Total(), image, target=1, autorun=False)
+    assert "output for target 1 when" in unnamed.legend["title"]
+
+
+def test_labels_is_a_deprecated_name_for_class_names(model, image):
+    with pytest.warns(FutureWarning, match="renamed class_names"):
+        widget = OcclusionWidget(model, image, labels=list("abcde"), autorun=False)
+    assert widget.classes[0]["label"] in "abcde"
+    with pytest.raises(TypeError, match="class_names only"):
+        OcclusionWidget(model, image, labels=["a"], class_names=["a"], autorun=False)
+
+
+def test_sign_changes_the_colours_and_legend_without_a_run(model, image):
+    widget = OcclusionWidget(model, image, window=4, stride=2)
+    assert widget.wait(WAIT) and widget.run_count == 1
+    heat = _heatmap(widget)
+    luts = {}
+    for sign in occlusion.SIGNS:
+        widget.sign = sign
+        assert widget.value_range == list(occlusion.colour_limits(heat, sign))
+        lo, hi = widget.value_range
+        assert widget.legend["ticks"] == occlusion.colour_ticks(lo, hi)
+        luts[sign] = np.frombuffer(widget.colormap_lut, np.uint8).reshape(256, 4)
+    assert widget.run_count == 1 and not widget.running  # colours start no run
+
+    def table(name):
+        return matplotlib.colormaps[name](np.linspace(0, 1, 256), bytes=True)
+
+    np.testing.assert_array_equal(luts["all"], table("RdBu_r"))  # diverging, 0 white
+    np.testing.assert_array_equal(luts["positive"], table("Reds"))  # sequential from 0
+    np.testing.assert_array_equal(luts["absolute_value"], table("Purples"))
+    # "negative": the most negative value (the left end) gets the far end, as in Captum.
+    np.testing.assert_array_equal(luts["negative"], table("Blues")[::-1])
+    widget.sign = "negative"
+    assert "Values < 0 only" in widget.legend["note"]
+    widget.colormap = "viridis"
+    expected = table("viridis")[::-1]
+    assert widget.colormap_lut == expected.astype(np.uint8).tobytes()
+    with pytest.raises(traitlets.TraitError):
+        widget.sign = "both"
+
+
+@pytest.mark.parametrize("sign", ["all", "negative"])
+def test_save_png_uses_the_widgets_sign(tmp_path, monkeypatch, sign):
+    from captum.attr import visualization
+
+    seen = {}
+    real = visualization.visualize_image_attr
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(visualization, "visualize_image_attr", spy)
+    # Target 1 of Total on a positive image: a map < 0 everywhere.
+    widget = OcclusionWidget(Total(), torch.rand(3, 8, 8) + 0.1, window=4, stride=4, target=1)
+    widget.sign = sign
+    assert widget.wait(WAIT)
+    widget.save_png(tmp_path / "map.png")
+    assert seen["method"] == "blended_heat_map" and seen["sign"] == sign
+    assert seen["cmap"] == occlusion.AUTO_COLORMAPS[sign]
+    assert seen["alpha_overlay"] == widget.opacity
+    widget.sign = "positive"  # no value > 0: Captum cannot scale it
+    with pytest.raises(ValueError, match="the map has no values > 0"):
+        widget.save_png(tmp_path / "none.png")

@@ -3,8 +3,12 @@
 Python owns the computation and the colours: runs go to a worker thread (so the
 controls answer while a run is going), every progress report is sent to the
 front end as a float32 buffer, and colormaps come from matplotlib as 256-entry
-lookup tables. The front end (js/widget.js) draws, reads controls and mouse
-input, and sends three messages: compute, cancel and probe.
+lookup tables; the colour limits, the colorbar's ticks and the legend's words are
+computed here too. The heatmap is drawn as Captum's
+`visualize_image_attr(..., method="blended_heat_map")` draws it: over a greyscale
+version of the image, with the heatmap's colours at alpha `opacity`. The front end
+(js/widget.js) draws, reads controls and mouse input, and sends three messages:
+compute, cancel and probe.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +54,19 @@ RUN_SETTINGS = (
 )
 #: Classes offered in the target menu.
 TOP_CLASSES = 5
+#: Which values the heatmap shows, as Captum's `visualize_image_attr(sign=...)`:
+#: "all" (signed, zero-centred colorbar), "positive" (values > 0, others drawn as 0),
+#: "negative" (values < 0, others drawn as 0), "absolute_value" (|value|).
+SIGNS = ("all", "positive", "negative", "absolute_value")
+#: The colormap "auto" picks for each sign: diverging for signed maps, a sequential
+#: one starting at white (value 0) for the others, red for the positive side and
+#: blue for the negative side as in the diverging one.
+AUTO_COLORMAPS = {
+    "all": "RdBu_r",
+    "positive": "Reds",
+    "negative": "Blues",
+    "absolute_value": "Purples",
+}
 #: A run is split into about this many window batches (each sends a map), unless
 #: the caller sets `windows_per_batch` or `max_memory`; batches keep at least
 #: MIN_BATCH windows.
@@ -61,14 +79,36 @@ CAPTUM_BATCH = 64
 class OcclusionWidget(anywidget.AnyWidget):
     """The occlusion heatmap of `model` on `image`, computed live, with controls.
 
-    model: a CNN returning class scores (N, classes); image: its input, (C, H, W)
-    or (1, C, H, W), already normalized. target: class to explain (default: the
-    top class). labels: class names (a sequence, or a mapping index -> name).
-    window, stride: the occlusion window side and stride, in pixels (the window
-    spans all channels). display_image: what to draw under the heatmap ((H, W, 3)
-    or (3, H, W) in [0, 1]); default: the input, scaled to [0, 1].
-    attribute_options: passed on to `IncrementalOcclusion.attribute` (for example
-    `baselines=` or `kernels=`).
+    Args:
+        model: a CNN returning class scores, shaped (N, num_classes).
+        image: its input, (C, H, W) or (1, C, H, W), already normalized.
+        target: the output index to explain, as Captum's `target` (default: the
+            top class).
+        window, stride: the occlusion window side and stride, in pixels (the
+            window spans all channels).
+        display_image: the picture under the heatmap, (H, W, 3), (3, H, W) or
+            (H, W), values in [0, 1]; default: the input, scaled to [0, 1]. It is
+            drawn in greyscale under the heatmap, as Captum's blended heat map.
+        autorun: start a run at once.
+        class_names (keyword only): names of the model's outputs, for the class
+            menu and the legend. Either a sequence of num_classes strings,
+            `class_names[i]` naming output i (torchvision's
+            `weights.meta["categories"]`, a dataset's `.classes`), or a mapping
+            {index: name} that may name only some classes. Unnamed classes show
+            as their index.
+        labels: the former name of `class_names` (deprecated).
+        attribute_options: passed on to `IncrementalOcclusion.attribute` (for
+            example `baselines=` or `kernels=`).
+
+    What the colours mean: the map is Captum's Occlusion attribution averaged over
+    the channels: per pixel, output(image) - output(occluded) for the target,
+    averaged over the windows covering the pixel. Positive: occluding the window
+    lowers the target's output; negative: it raises it. `sign` picks which values
+    are drawn, with Captum's names ("all", "positive", "negative",
+    "absolute_value"); `value_range` holds the colorbar's limits (symmetric,
+    +-max|value|, for "all"; from 0 for the others) and `legend` its words and
+    ticks. `colormap` "auto" is diverging (RdBu_r: red > 0, blue < 0, white 0) for
+    "all" and sequential from white at 0 otherwise (Reds, Blues, Purples).
 
     Runs go to a worker thread; an exception anywhere in it (the model, sending a
     map, the status summary) is caught and shown: `error` holds its message,
@@ -83,13 +123,25 @@ class OcclusionWidget(anywidget.AnyWidget):
     _esm = STATIC / "widget.js"
     _css = STATIC / "widget.css"
 
+    #: The display image, H x W x 4 uint8 (RGBA, opaque).
     image_rgba = traitlets.Bytes(b"").tag(sync=True)
+    #: The display image in greyscale, as under Captum's blended heat map; RGBA.
+    grey_rgba = traitlets.Bytes(b"").tag(sync=True)
     image_size = traitlets.List(traitlets.Int(), default_value=[0, 0]).tag(sync=True)
+    #: The map shown, H x W float32 (channel mean); NaN where not computed.
     heatmap = traitlets.Bytes(b"").tag(sync=True)
+    #: The colorbar's limits [lo, hi]: values at or beyond them get its end colours.
     value_range = traitlets.List(traitlets.Float(), default_value=[0.0, 0.0]).tag(sync=True)
+    #: Which values are drawn (Captum's `sign`): one of SIGNS.
+    sign = traitlets.Enum(SIGNS, "all").tag(sync=True)
     colormap = traitlets.Unicode("auto").tag(sync=True)
+    #: 256 x 4 uint8, the colours from value_range[0] to value_range[1].
     colormap_lut = traitlets.Bytes(b"").tag(sync=True)
+    #: The heatmap's alpha over the greyscale image (Captum's `alpha_overlay`).
     opacity = traitlets.Float(0.6, min=0.0, max=1.0).tag(sync=True)
+    #: What the colours mean: {"title", "note", "ticks": [[value, label], ...],
+    #: "ends": [left caption, right caption]} for the colorbar.
+    legend = traitlets.Dict().tag(sync=True)
 
     window = traitlets.Int(12, min=1).tag(sync=True)
     stride = traitlets.Int(6, min=1).tag(sync=True)
@@ -119,18 +171,32 @@ class OcclusionWidget(anywidget.AnyWidget):
         stride: int = 6,
         display_image: Any = None,
         autorun: bool = True,
+        *,
+        class_names: Sequence[str] | Mapping[int, str] | None = None,
         **attribute_options: Any,
     ) -> None:
         inputs = image if image.dim() == 4 else image.unsqueeze(0)
         if inputs.dim() != 4 or inputs.shape[0] != 1:
             raise ValueError(f"image must be (C, H, W) or (1, C, H, W), not {tuple(image.shape)}")
+        if labels is not None:
+            if class_names is not None:
+                raise TypeError("give class_names only (labels is its former name)")
+            warnings.warn(
+                "OcclusionWidget(labels=...) is renamed class_names=...",
+                FutureWarning,
+                stacklevel=2,
+            )
+            class_names = labels
         self.model = model
         self.inputs = inputs
         self.attribute_options = attribute_options
         self.occlusion = IncrementalOcclusion(model)
         #: The last complete run's attribution, shaped like Captum's (or None).
         self.attribution: torch.Tensor | None = None
-        self._labels = labels
+        self._class_names = class_names
+        #: The map on screen (channel mean) and the (target, window) it was run with.
+        self._heat: np.ndarray | None = None
+        self._heat_run: tuple[int, tuple[int, int]] | None = None
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._cancel = threading.Event()
@@ -147,13 +213,14 @@ class OcclusionWidget(anywidget.AnyWidget):
             failure = f"{type(exc).__name__}: {exc}"
         super().__init__(
             image_rgba=_rgba_bytes(self._display),
+            grey_rgba=_rgba_bytes(np.repeat(greyscale(self._display)[..., None], 3, axis=-1)),
             image_size=list(self._display.shape[:2]),
             classes=classes,
             target=classes[0]["index"] if target is None else int(target),
             window=window,
             stride=stride,
         )
-        self._set_colormap()
+        self._set_colours()
         self.on_msg(self._on_message)
         self.observe(self._restart, names=list(RUN_SETTINGS))
         if failure is not None:
@@ -192,19 +259,30 @@ class OcclusionWidget(anywidget.AnyWidget):
         return True
 
     def save_png(self, path: str | Path) -> None:
-        """The image with the last heatmap blended over it, with a colour bar
-        (Captum's `visualize_image_attr`)."""
+        """The image with the last heatmap blended over it, with a colour bar:
+        Captum's `visualize_image_attr(method="blended_heat_map")`, with the
+        widget's `sign`, colormap and opacity (Captum scales the values to [-1, 1]
+        or [0, 1] itself). Raises RuntimeError before a run is complete, and
+        ValueError when `sign` leaves nothing to draw (Captum cannot scale it)."""
         from captum.attr import visualization
 
         if self.attribution is None:
             raise RuntimeError("no complete attribution yet: wait for a run to finish")
         attribution = self.attribution[0].detach().cpu().permute(1, 2, 0).numpy()
         attribution = np.nan_to_num(attribution)  # a region's map: nothing outside it
+        below, above = attribution < 0, attribution > 0
+        drawn = {"positive": above, "negative": below}.get(self.sign, below | above)
+        if not drawn.any():  # Captum's scaling would divide by zero
+            what = {"positive": "values > 0", "negative": "values < 0"}.get(
+                self.sign, "values other than 0"
+            )
+            raise ValueError(f"nothing to draw with sign {self.sign!r}: the map has no {what}")
         figure, _ = visualization.visualize_image_attr(
             attribution,
             self._display,
             method="blended_heat_map",
-            sign="all" if attribution.min() < 0 < attribution.max() else "absolute_value",
+            sign=self.sign,
+            cmap=self._colormap_name(),
             alpha_overlay=self.opacity,
             show_colorbar=True,
             use_pyplot=False,
@@ -249,9 +327,9 @@ class OcclusionWidget(anywidget.AnyWidget):
     def _restart(self, change: dict) -> None:
         self.compute()
 
-    @traitlets.observe("colormap")
-    def _colormap_changed(self, change: dict) -> None:
-        self._set_colormap()
+    @traitlets.observe("colormap", "sign")
+    def _colours_changed(self, change: dict) -> None:
+        self._set_colours()
 
     def _run(
         self,
@@ -277,7 +355,7 @@ class OcclusionWidget(anywidget.AnyWidget):
             for report in self.occlusion.attribute_stream(self.inputs, cancel=cancel, **options):
                 if generation != self._generation:
                     break
-                self._show(report)
+                self._show(report, options)
             if report is not None and report.complete and generation == self._generation:
                 self.attribution = report.attribution
                 complete = True
@@ -294,15 +372,13 @@ class OcclusionWidget(anywidget.AnyWidget):
                 self.running = False
             self.run_count += 1
 
-    def _show(self, report: OcclusionProgress) -> None:
-        """Send a progress report's heatmap (channel mean, float32) and counters."""
+    def _show(self, report: OcclusionProgress, options: dict[str, Any]) -> None:
+        """Send a progress report's heatmap (channel mean, float32), its colour
+        limits and legend, and the counters."""
         heatmap = report.attribution[0].detach().float().mean(0).cpu().numpy()
-        finite = heatmap[np.isfinite(heatmap)]
-        if finite.size:
-            lo, hi = float(finite.min()), float(finite.max())
-            if lo < 0 < hi:
-                lo, hi = -max(-lo, hi), max(-lo, hi)
-            self.value_range = [lo, hi]
+        self._heat = heatmap
+        self._heat_run = (int(options["target"]), tuple(options["sliding_window_shapes"][1:]))
+        self._set_colours()
         done, planned = report.windows_done, report.windows_planned
         eta = report.elapsed / done * (planned - done) if done else None
         self.heatmap = np.ascontiguousarray(heatmap, dtype=np.float32).tobytes()
@@ -314,8 +390,6 @@ class OcclusionWidget(anywidget.AnyWidget):
             "eta": eta,
             "stage": report.stage,
         }
-        if self.colormap == "auto":
-            self._set_colormap()
 
     def _summary(self, report: OcclusionProgress, options: dict, seconds: float) -> str:
         parts = [
@@ -432,19 +506,124 @@ class OcclusionWidget(anywidget.AnyWidget):
         ]
 
     def _label(self, index: int) -> str:
-        if isinstance(self._labels, Mapping):
-            return str(self._labels.get(index, index))
-        if self._labels is not None and index < len(self._labels):
-            return str(self._labels[index])
-        return f"class {index}"
+        return self._class_name(index) or f"class {index}"
 
-    def _set_colormap(self) -> None:
-        name = self.colormap
-        if name == "auto":
-            lo, hi = self.value_range
-            name = "RdBu_r" if lo < 0 < hi else "viridis"
-        lut = matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256), bytes=True)
+    def _class_name(self, index: int) -> str | None:
+        """The name `class_names` gives output `index`, or None."""
+        names = self._class_names
+        if isinstance(names, Mapping):
+            return str(names[index]) if index in names else None
+        if names is not None and 0 <= index < len(names):
+            return str(names[index])
+        return None
+
+    def _colormap_name(self) -> str:
+        return AUTO_COLORMAPS[self.sign] if self.colormap == "auto" else self.colormap
+
+    def _set_colours(self) -> None:
+        """Colour limits, lookup table and legend for the map on screen and `sign`.
+        Values run from value_range[0] to value_range[1] through the table; for
+        "negative" the table is reversed, so that as in Captum the strongest
+        (most negative) values get the colormap's far end."""
+        heatmap = self._heat if self._heat is not None else np.zeros((0, 0), np.float32)
+        lo, hi = colour_limits(heatmap, self.sign)
+        target, window = self._heat_run or (self.target, (self.window, self.window))
+        lut = matplotlib.colormaps[self._colormap_name()](np.linspace(0.0, 1.0, 256), bytes=True)
+        if self.sign == "negative":
+            lut = lut[::-1]
         self.colormap_lut = np.ascontiguousarray(lut, dtype=np.uint8).tobytes()
+        self.value_range = [lo, hi]
+        self.legend = legend_for(
+            self.sign, lo, hi, target, self._class_name(target), window, self._heat is not None
+        )
+
+
+def greyscale(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) in [0, 1] -> (H, W) in [0, 1], as Captum's blended heat map draws
+    the image under it: the mean of the channels (`np.mean(image, axis=2)`), shown
+    through matplotlib's "gray" colormap, which stretches its own min..max to
+    black..white. A flat image keeps its level."""
+    grey = np.asarray(rgb, dtype=np.float64).mean(axis=-1)
+    if not grey.size:
+        return grey
+    lo, hi = grey.min(), grey.max()
+    return (grey - lo) / (hi - lo) if hi > lo else grey
+
+
+def colour_limits(heatmap: np.ndarray, sign: str) -> tuple[float, float]:
+    """The colorbar's limits for a map (NaN: not computed, ignored) shown with
+    Captum's `sign`: "all": symmetric, (-m, m) with m = max|value|, so that 0 is
+    in the middle of a diverging colormap; "positive": (0, max(max, 0));
+    "negative": (min(min, 0), 0); "absolute_value": (0, m). (0, 0) when nothing
+    is computed yet."""
+    if sign not in SIGNS:
+        raise ValueError(f"sign must be one of {SIGNS}, not {sign!r}")
+    finite = heatmap[np.isfinite(heatmap)]
+    if not finite.size:
+        return 0.0, 0.0
+    lo, hi = float(finite.min()), float(finite.max())
+    largest = max(-lo, hi, 0.0)
+    if sign == "all":
+        return -largest, largest
+    if sign == "positive":
+        return 0.0, max(hi, 0.0)
+    if sign == "negative":
+        return min(lo, 0.0), 0.0
+    return 0.0, largest
+
+
+def colour_ticks(lo: float, hi: float) -> list[list]:
+    """[[value, label], ...] for the colorbar: both ends and the middle (0 for a
+    symmetric range), or 0 alone when the range is empty."""
+    if not hi > lo:
+        return [[float(lo), _number(lo)]]
+    middle = 0.0 if lo == -hi else (lo + hi) / 2
+    return [[float(value), _number(value)] for value in (lo, middle, hi)]
+
+
+def _number(value: float) -> str:
+    """Three significant digits, a true minus sign, and 0 as "0"."""
+    return "0" if value == 0 else f"{value:.3g}".replace("-", "−")
+
+
+def legend_for(
+    sign: str,
+    lo: float,
+    hi: float,
+    target: int,
+    name: str | None,
+    window: tuple[int, int],
+    drawn: bool = True,
+) -> dict[str, Any]:
+    """What the colours mean, for the front end: a title (the quantity, with
+    Captum's sign convention, and the class), a note (what the signs mean, what
+    `sign` shows, how a pixel's value is made), the colorbar's ticks and captions
+    under its two ends. `drawn`: whether a map is shown (no ticks before one)."""
+    who = f"target {target}" if name is None else f"“{name}” (target {target})"
+    title = (
+        f"Change in the model's output for {who} when the window is occluded: "
+        "output(image) − output(occluded)"
+    )
+    lowers, raises = "occluding lowers it", "occluding raises it"
+    if sign == "all":
+        note = "> 0: occluding lowers the output; < 0: occluding raises it."
+        ends = [raises, lowers]
+    elif sign == "positive":
+        note = "Values > 0 only (occluding lowers the output); the rest drawn as 0."
+        ends = ["", lowers]
+    elif sign == "negative":
+        note = "Values < 0 only (occluding raises the output); the rest drawn as 0."
+        ends = [raises, ""]
+    else:
+        note = "|value|: how much the output changes, whichever way."
+        ends = ["", "larger change"]
+    note += f" Each pixel: the mean over the {window[0]}×{window[1]} windows covering it."
+    return {
+        "title": title,
+        "note": note,
+        "ticks": colour_ticks(lo, hi) if drawn else [],
+        "ends": ends,
+    }
 
 
 def _display_rgb(display_image: Any, image: torch.Tensor) -> np.ndarray:
