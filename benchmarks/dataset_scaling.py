@@ -8,9 +8,11 @@ Writes `--images` random 224 x 224 images as .npy files, then runs the command
 on the model (torchvision, weights=None, seeded, so every process builds the
 same model) with target 0: first once on two images (this fills Triton's cache
 and the kernel-choice cache, as any earlier run on the machine would), then on
-cuda:0 alone (one process), then with `torchrun --nproc_per_node=P` for each P
-of --processes. Reports wall time from process start to exit (imports, model,
-cuDNN's search and everything else included), each rank's own account (ready,
+cuda:0 alone (one process), then with `torchrun --nproc_per_node=P` and with the
+command's own `--nproc-per-node P` (this process is rank 0) for each P of
+--processes; then, with TF32 off, one process and P processes on the first
+--exactness-images images, whose maps should agree to float32 rounding.
+Reports wall time from process start to exit (imports, model, cuDNN's search and everything else included), each rank's own account (ready,
 first item, total) and the speedup; checks that the runs wrote the same maps.
 Results go to benchmarks/results/dataset_scaling.json, one entry per model
 (--append keeps the other models' entries).
@@ -55,7 +57,9 @@ def write_images(directory: Path, count: int) -> None:
         np.save(directory / f"{i:05d}.npy", rng.standard_normal((3, 224, 224), dtype=np.float32))
 
 
-def run_command(launcher: list[str], data: Path, out: Path, args, env: dict) -> dict:
+def run_command(
+    launcher: list[str], data: Path, out: Path, args, env: dict, extra: tuple[str, ...] = ()
+) -> dict:
     command = [
         *launcher,
         "captum_krypton",
@@ -72,6 +76,7 @@ def run_command(launcher: list[str], data: Path, out: Path, args, env: dict) -> 
         str(args.stride),
         "--target",
         "0",
+        *extra,
     ]
     started = time.perf_counter()
     finished = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -111,6 +116,12 @@ def main() -> None:
         default=str(torch.cuda.device_count() or 2),
         help="comma-separated torchrun process counts (default: one per GPU)",
     )
+    parser.add_argument(
+        "--exactness-images",
+        type=int,
+        default=40,
+        help="images compared between one process and several with TF32 off (0: none)",
+    )
     parser.add_argument("--append", action="store_true", help="keep other models' entries")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = parser.parse_args()
@@ -133,25 +144,48 @@ def main() -> None:
         "window": args.window,
         "stride": args.stride,
         "one_process": single,
-        "torchrun": {},
         "command": " ".join(["python", *sys.argv]),
     }
+    scale = np.abs(reference).max(axis=(1, 2), keepdims=True).clip(min=1e-30)
     for processes in [int(p) for p in args.processes.split(",")]:
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        torchrun += [f"--nproc_per_node={processes}", "-m"]
-        out = root / f"torchrun{processes}"
-        shared = run_command(torchrun, data, out, args, env)
-        maps = read_maps(out)
-        scale = np.abs(reference).max(axis=(1, 2), keepdims=True).clip(min=1e-30)
-        shared["wall_speedup"] = single["wall_seconds"] / shared["wall_seconds"]
-        shared["max_difference_over_max_abs"] = float((np.abs(maps - reference) / scale).max())
-        shared["all_written"] = bool(not np.isnan(maps).any())
-        entry["torchrun"][str(processes)] = shared
-        print(
-            f"{args.model}: {processes} processes {shared['wall_seconds']:.1f} s against "
-            f"{single['wall_seconds']:.1f} s: {shared['wall_speedup']:.2f}x",
-            flush=True,
-        )
+        launches = {
+            "torchrun": (
+                [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+                + [f"--nproc_per_node={processes}", "-m"],
+                (),
+            ),
+            "nproc_per_node": (one_process, ("--nproc-per-node", str(processes))),
+        }
+        for name, (launcher, extra) in launches.items():
+            out = root / f"{name}{processes}"
+            shared = run_command(launcher, data, out, args, env, extra)
+            maps = read_maps(out)
+            shared["wall_speedup"] = single["wall_seconds"] / shared["wall_seconds"]
+            shared["max_difference_over_max_abs"] = float((np.abs(maps - reference) / scale).max())
+            shared["all_written"] = bool(not np.isnan(maps).any())
+            entry.setdefault(name, {})[str(processes)] = shared
+            print(
+                f"{args.model}: {name} {processes} processes {shared['wall_seconds']:.1f} s "
+                f"against {single['wall_seconds']:.1f} s: {shared['wall_speedup']:.2f}x",
+                flush=True,
+            )
+    if args.exactness_images:  # TF32 off: the runs should agree to float32 rounding
+        subset = root / "subset"
+        subset.mkdir()
+        for path in sorted(data.glob("*.npy"))[: args.exactness_images]:
+            os.symlink(path, subset / path.name)
+        alone = run_command(one_process, subset, root / "exact_one", args, env, ("--no-tf32",))
+        extra = ("--no-tf32", "--nproc-per-node", args.processes.split(",")[-1])
+        together = run_command(one_process, subset, root / "exact_all", args, env, extra)
+        one, every = read_maps(root / "exact_one"), read_maps(root / "exact_all")
+        entry["tf32_off"] = {
+            "images": args.exactness_images,
+            "one_process_seconds": alone["wall_seconds"],
+            "nproc_per_node_seconds": together["wall_seconds"],
+            "max_difference_over_max_abs": float(
+                (np.abs(one - every) / np.abs(one).max(axis=(1, 2), keepdims=True)).max()
+            ),
+        }
     print(json.dumps(entry, indent=2))
     os.makedirs(args.out, exist_ok=True)
     target = Path(args.out) / "dataset_scaling.json"

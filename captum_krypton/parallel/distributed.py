@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +31,13 @@ import torch.distributed as dist
 from torch import nn
 
 from captum_krypton.parallel.launch import LAUNCHED_BY_RANK_0, LocalRanks
-from captum_krypton.parallel.map_store import check_or_write_manifest, make_store, versions
+from captum_krypton.parallel.map_store import (
+    NpyFiles,
+    ZarrArrays,
+    check_or_write_manifest,
+    make_store,
+    versions,
+)
 
 
 def load_object(spec: str) -> Any:
@@ -187,33 +195,45 @@ def _item_target(model: nn.Module, inputs: torch.Tensor, target: str, labels: An
     return int(target)
 
 
-def run(
+def say(line: str) -> None:
+    """Print one line in one write, so that the lines of ranks sharing a terminal
+    don't mix."""
+    sys.stdout.write(f"{line}\n")
+    sys.stdout.flush()
+
+
+def _quiet_after_interrupt() -> None:
+    """After the first Ctrl-C, ignore more (a launcher passing it on, a second
+    keypress): the rank says its line and stops without tracebacks."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@dataclass
+class _Job:
+    """A rank's part of a run, once started."""
+
+    rank: Rank
+    images: Any
+    labels: Any
+    names: list[str]
+    store: NpyFiles | ZarrArrays
+    todo: list[int]
+    model: nn.Module
+    occlusion: Any
+
+
+def _start(
     model_spec: str,
     data_spec: str,
-    out: str,
+    out_dir: Path,
     window: int,
     stride: int,
-    target: str = "label",
-    log: Callable[[str], None] = print,
-    baseline: float = 0.0,
-    *,
+    target: str,
+    baseline: float,
     make_occlusion: Callable[[nn.Module], Any],
-    output_format: str = "zarr",
-    local_ranks: LocalRanks | None = None,
-) -> int:
-    """Attribute the items of a data set that this rank takes; returns how many it
-    wrote. `make_occlusion(model)` gives what attributes: an object with
-    Captum's `Occlusion.attribute` (the command line passes IncrementalOcclusion).
-    `baseline`: the value occluded positions take (Captum's `baselines`).
-    `output_format`: "zarr" or "npy" (parallel/map_store.py). The window spans
-    every channel, so one map over the spatial dims is kept per item.
-    `local_ranks`: the other ranks, when this process launched them
-    (parallel/launch.py); it then waits for them instead of a barrier, keeping
-    the shared store (which it hosts) up until they are done. Ctrl-C stops
-    between items with one line per rank; the same call resumes."""
-    began = time.perf_counter()
+    output_format: str,
+) -> _Job:
     rank = start_rank()
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, labels = load_data(data_spec)
     if target == "label" and labels is None:
@@ -253,22 +273,72 @@ def run(
     store.open()
     store.remove_partial(rank.index)
     model = load_object(model_spec).to(rank.device).eval()
-    occlusion = make_occlusion(model)
-    queue = WorkQueue(todo)
+    return _Job(rank, images, labels, names, store, todo, model, make_occlusion(model))
+
+
+def run(
+    model_spec: str,
+    data_spec: str,
+    out: str,
+    window: int,
+    stride: int,
+    target: str = "label",
+    log: Callable[[str], None] = say,
+    baseline: float = 0.0,
+    *,
+    make_occlusion: Callable[[nn.Module], Any],
+    output_format: str = "zarr",
+    local_ranks: LocalRanks | None = None,
+) -> int:
+    """Attribute the items of a data set that this rank takes; returns how many it
+    wrote. `make_occlusion(model)` gives what attributes: an object with
+    Captum's `Occlusion.attribute` (the command line passes IncrementalOcclusion).
+    `baseline`: the value occluded positions take (Captum's `baselines`).
+    `output_format`: "zarr" or "npy" (parallel/map_store.py). The window spans
+    every channel, so one map over the spatial dims is kept per item.
+    `local_ranks`: the other ranks, when this process launched them
+    (parallel/launch.py); it then waits for them instead of a barrier, keeping
+    the shared store (which it hosts) up until they are done. Ctrl-C, also
+    while starting, stops with one line per rank; the same call resumes."""
+    began = time.perf_counter()
+    index = int(os.environ.get("RANK", "0"))  # until torch.distributed says
+    try:
+        job = _start(
+            model_spec,
+            data_spec,
+            Path(out),
+            window,
+            stride,
+            target,
+            baseline,
+            make_occlusion,
+            output_format,
+        )
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            _quiet_after_interrupt()
+            log(f"rank {index}: interrupted while starting; the same command resumes")
+        if local_ranks is not None:
+            local_ranks.stop()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    rank, store = job.rank, job.store
+    queue = WorkQueue(job.todo)
     ready = time.perf_counter() - began
     log(
-        f"rank {rank.index}/{rank.world}: {len(todo)} of {len(names)} items to do; "
+        f"rank {rank.index}/{rank.world}: {len(job.todo)} of {len(job.names)} items to do; "
         f"ready in {ready:.1f} s"
     )
     written, first_item, last_log = 0, None, 0.0
     try:
         while (i := queue.next()) is not None:
             item_start = time.perf_counter()
-            inputs = images[i][None].to(rank.device)
-            item_target = _item_target(model, inputs, target, labels, i)
+            inputs = job.images[i][None].to(rank.device)
+            item_target = _item_target(job.model, inputs, target, job.labels, i)
             channels = inputs.shape[1]
             spatial = inputs.dim() - 2
-            attribution = occlusion.attribute(
+            attribution = job.occlusion.attribute(
                 inputs,
                 sliding_window_shapes=(channels,) + (window,) * spatial,
                 strides=(channels,) + (stride,) * spatial,
@@ -284,11 +354,22 @@ def run(
                 last_log = now
             if local_ranks is not None:
                 local_ranks.check()
+        elapsed = time.perf_counter() - began
+        first = f"{first_item:.1f} s" if first_item is not None else "none"
+        log(
+            f"rank {rank.index}: wrote {written} items; {elapsed:.1f} s since start "
+            f"(ready {ready:.1f} s, first item {first})"
+        )
+        if local_ranks is not None:
+            local_ranks.wait()
+        elif dist.is_initialized() and os.environ.get(LAUNCHED_BY_RANK_0) != "1":
+            dist.barrier()
     except KeyboardInterrupt:
-        finished = sum(store.done(i) for i in range(len(names)))
+        _quiet_after_interrupt()
+        finished = sum(store.done(i) for i in range(len(job.names)))
         log(
             f"rank {rank.index}: interrupted after writing {written} items; "
-            f"{finished}/{len(names)} are written; the same command resumes"
+            f"{finished}/{len(job.names)} are written; the same command resumes"
         )
         if local_ranks is not None:
             local_ranks.stop()
@@ -299,16 +380,6 @@ def run(
         if local_ranks is not None:
             local_ranks.stop()
         raise
-    elapsed = time.perf_counter() - began
-    first = f"{first_item:.1f} s" if first_item is not None else "none"
-    log(
-        f"rank {rank.index}: wrote {written} items; {elapsed:.1f} s since start "
-        f"(ready {ready:.1f} s, first item {first})"
-    )
-    if local_ranks is not None:
-        local_ranks.wait()
-    elif dist.is_initialized() and os.environ.get(LAUNCHED_BY_RANK_0) != "1":
-        dist.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
     return written

@@ -101,7 +101,12 @@ class LocalRanks:
         self.check()
 
     def stop(self) -> None:
-        """Ask the ranks still running to stop (Ctrl-C), and wait for them."""
+        """Ask the ranks still running to stop (Ctrl-C), and wait for them. A
+        Ctrl-C in a terminal has reached them already: they get a moment to stop
+        on their own before this one passes it on."""
+        deadline = time.monotonic() + 1.0
+        while any(c.poll() is None for c in self.children) and time.monotonic() < deadline:
+            time.sleep(0.05)
         for child in self.children:
             if child.poll() is None:
                 child.send_signal(signal.SIGINT)
