@@ -12,8 +12,9 @@ cuda:0 alone (one process), then with `torchrun --nproc_per_node=P` and with the
 command's own `--nproc-per-node P` (this process is rank 0) for each P of
 --processes; then, with TF32 off, one process and P processes on the first
 --exactness-images images, whose maps should agree to float32 rounding.
-Reports wall time from process start to exit (imports, model, cuDNN's search and everything else included), each rank's own account (ready,
-first item, total) and the speedup; checks that the runs wrote the same maps.
+Reports wall time from process start to exit (imports, model, cuDNN's search
+and everything else included), each rank's own account (ready, first item,
+total) and the speedup; checks that the runs wrote the same maps.
 Results go to benchmarks/results/dataset_scaling.json, one entry per model
 (--append keeps the other models' entries).
 """
