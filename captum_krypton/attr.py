@@ -18,7 +18,7 @@ from captum_krypton import chunks
 from captum_krypton.approx.settings import check_fraction
 from captum_krypton.captum_path import as_check_failure, fall_back, run_captum
 from captum_krypton.capture import UnsupportedForIncremental
-from captum_krypton.devices_path import run_on_devices
+from captum_krypton.devices_path import path_on_devices
 from captum_krypton.engine.call import CaptumArguments
 from captum_krypton.engine.preparer import Preparer
 from captum_krypton.engine.progressive import OcclusionProgress, OcclusionReport
@@ -159,11 +159,14 @@ class IncrementalOcclusion(Occlusion):
                 with drill-down or a target SSIM. Default: None (every window)
             devices (list of str or torch.device, optional): Several devices (e.g.
                 ["cuda:0", "cuda:1"]) sharing the windows; the result is on the
-                input's device and equals a one-device run. Several GPUs: a worker
-                process per GPU after the first (kept until `close()`; the model's
-                class must be importable by module name, else threads with a
-                RuntimeWarning); CPU devices: threads (docs/scaling.md). Exact
-                occlusion only. Default: None (the input's device)
+                input's device and equals a one-device run with the same options:
+                with `tau`, `drilldown`, `target_ssim` or `region`, every stage's
+                windows (coarse pass, calibration's samples, refinement) are
+                shared, and `on_progress` reports after each stage rather than
+                each batch. Several GPUs: a worker process per GPU after the first
+                (kept until `close()`; the model's class must be importable by
+                module name, else threads with a RuntimeWarning); CPU devices:
+                threads (docs/scaling.md). Default: None (the input's device)
             self_check (bool, optional): True: the call checks itself against the
                 forward function: once per plan two windows run one at a time, as
                 Captum runs them, against the same windows in one batch; every call
@@ -289,14 +292,10 @@ class IncrementalOcclusion(Occlusion):
 
     # ------------------------------------------------------------ internals
     def _run(self, call: CaptumArguments, options: OcclusionOptions) -> FinishedRun:
-        """The call on its path: shared over devices, in chunks of examples, or as
-        one progressive run (with Captum's path where the engine does not apply)."""
-        if options.devices is not None:
-            finished = run_on_devices(self, self._sharded, call, options, self._warnings)
-            if options.on_progress is not None:
-                options.on_progress(finished.progress)
-            return finished
-        if options.engine != "captum" and chunks.needs_chunks(call):
+        """The call on its path: in chunks of examples, or as one progressive run,
+        on the input's device or shared over devices (with Captum's path where the
+        engine does not apply)."""
+        if options.devices is None and options.engine != "captum" and chunks.needs_chunks(call):
             quiet = dataclasses.replace(options, on_progress=None)
             return chunks.attribute_in_chunks(
                 call, partial(self._run, options=quiet), options.on_progress, options.cancel
@@ -311,18 +310,15 @@ class IncrementalOcclusion(Occlusion):
     def _stream(
         self, call: CaptumArguments, options: OcclusionOptions, report_batches: bool
     ) -> Iterator[OcclusionProgress]:
-        """One progressive run on the input's device; `last_run` is set by its end."""
+        """One progressive run; `last_run` is set by its end."""
         if options.engine == "captum":
             yield self._finish(run_captum(self, call))
             return
         try:
-            prepared = self._preparer.prepare(
-                self.forward_func, call, options.settings, options.first_tau
-            )
+            run = self._progressive_path(call, options, report_batches)
         except (UnsupportedForIncremental, SelfCheckFailed) as exc:
             yield self._finish(self._fall_back(exc, call, options))
             return
-        run = ProgressivePath(prepared, call, options, report_batches, self.get_name())
         failure: Exception | None = None
         try:
             yield from run.steps()
@@ -335,6 +331,21 @@ class IncrementalOcclusion(Occlusion):
                 self.last_run = run.report
         if failure is not None:
             yield self._finish(self._fall_back(as_check_failure(failure), call, options))
+
+    def _progressive_path(
+        self, call: CaptumArguments, options: OcclusionOptions, report_batches: bool
+    ) -> ProgressivePath:
+        """The call's run on the input's device, or shared over `options.devices`.
+        Raises UnsupportedForIncremental or SelfCheckFailed where the engine does
+        not apply."""
+        if options.devices is not None:
+            return path_on_devices(
+                self, self._sharded, call, options, report_batches, self._warnings
+            )
+        prepared = self._preparer.prepare(
+            self.forward_func, call, options.settings, options.first_tau
+        )
+        return ProgressivePath(prepared, call, options, report_batches, self.get_name())
 
     def _fall_back(
         self, reason: Exception, call: CaptumArguments, options: OcclusionOptions

@@ -51,13 +51,8 @@ class OcclusionOptions:
         EngineSettings)."""
         asked = self.approximation
         approximation_set = asked.tau != 1.0 or asked.drilldown is not None
-        if self.devices is not None:
-            if approximation_set or self.target_ssim is not None or self.region:
-                raise ValueError(
-                    "devices= runs exact occlusion: no tau, drilldown, target_ssim or region"
-                )
-            if not self.devices:
-                raise ValueError("devices must name at least one device")
+        if self.devices is not None and not self.devices:
+            raise ValueError("devices must name at least one device")
         if self.target_ssim is not None:
             check_target_ssim(self.target_ssim)
             if approximation_set:

@@ -220,6 +220,32 @@ def test_two_gpus_equal_one(exact_cuda_math, sharing, monkeypatch):
         assert set(replays) == {torch.device("cuda", 0), torch.device("cuda", 1)}
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_equal_one_with_tau_and_region(exact_cuda_math):
+    """The worker for cuda:1 computes its shards with the call's tau, inside the
+    region, as cuda:0 alone does (window choices that depend on values, as
+    drill-down's, are compared on the CPU: tests/test_devices.py)."""
+    from captum_krypton import IncrementalOcclusion
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval().cuda()
+    inputs = torch.randn(2, 3, 64, 64, device="cuda")
+    args = dict(sliding_window_shapes=(3, 8, 8), strides=4, target=[0, 1])
+    occlusion = IncrementalOcclusion(model)
+    exact = occlusion.attribute(inputs, **args)
+    scale = exact.abs().max().item()
+    for options in (dict(tau=0.3), dict(tau=0.3, region=(0, 8, 40, 64))):
+        one = occlusion.attribute(inputs, **options, **args)
+        windows = occlusion.last_run.windows_computed
+        two = occlusion.attribute(inputs, devices=["cuda:0", "cuda:1"], **options, **args)
+        assert two.device == inputs.device and occlusion.last_run.windows_computed == windows
+        torch.testing.assert_close(two, one, rtol=0, atol=1e-5 * scale, equal_nan=True)
+        if "region" not in options:
+            assert not torch.allclose(one, exact, rtol=0, atol=1e-3 * scale)  # tau changed it
+    assert len(occlusion._sharded.pool._workers) == 1
+    occlusion.close()
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "inception_v3"])
 def test_cuda_self_check_passes_with_tf32_on(name):
     """With PyTorch's default TF32 convolutions the check's tolerance follows the

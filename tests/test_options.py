@@ -35,7 +35,6 @@ def test_defaults_are_attributes_defaults_and_frozen():
         (dict(target_ssim=0.9, tau=0.5), "target_ssim chooses tau"),
         (dict(region=(0, 0, 4, 4), drilldown=0.5), "region computes the windows inside"),
         (dict(windows_per_batch=0), "windows_per_batch must be at least 1"),
-        (dict(devices=["cpu"], tau=0.5), "devices= runs exact occlusion"),
         (dict(devices=[]), "devices must name at least one device"),
     ],
 )
@@ -48,6 +47,15 @@ def test_devices_become_torch_devices_except_on_captums_path():
     options = OcclusionOptions.from_keywords(devices=["cpu", torch.device("cpu")])
     assert options.devices == (torch.device("cpu"), torch.device("cpu"))
     assert OcclusionOptions.from_keywords(devices=[], engine="captum").devices is None
+
+
+@pytest.mark.parametrize(
+    "keywords",
+    [dict(tau=0.5), dict(drilldown=0.3, tau=0.5), dict(target_ssim=0.9), dict(region=(0, 0, 4, 4))],
+)
+def test_devices_take_the_approximations_and_region(keywords):
+    options = OcclusionOptions.from_keywords(devices=["cpu", "cpu"], **keywords)
+    assert options.devices == (torch.device("cpu"), torch.device("cpu"))
 
 
 def test_drilldown_and_target_ssim_start_with_an_exact_pass():

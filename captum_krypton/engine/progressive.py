@@ -1,11 +1,13 @@
 """One attribution run that can report heatmaps while it computes, be cancelled,
 and follow the approximations (tau, drill-down, target SSIM).
 
-The run yields an `OcclusionProgress` after every window batch when asked to,
-and always a last one whose attribution is the run's result. Every window's
-output difference lands in one (windows, outputs) table; a heatmap at any point
-is Captum's average over covering windows of what the table holds (windows not
-computed yet: left out, or interpolated from drill-down's coarse pass).
+The run yields an `OcclusionProgress` after every window batch when asked to
+(after every stage where its windows are computed elsewhere, on several
+devices), and always a last one whose attribution is the run's result. Every
+window's output difference lands in one (windows, outputs) table; a heatmap at
+any point is Captum's average over covering windows of what the table holds
+(windows not computed yet: left out, or interpolated from drill-down's coarse
+pass).
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.self_check import SelfCheckReport, WindowCheck
 
 Stage = Literal["exact", "approximate", "coarse", "refine"]
+
+#: compute(tau, ids, table, on_batch, should_stop): windows `ids` computed
+#: elsewhere (shared over several devices) with projective-field threshold `tau`,
+#: each into its row of `table` (windows x outputs); `on_batch` (when given)
+#: hears each finished batch's window count, from any thread, and the work stops
+#: between batches once `should_stop()`. Returns the ids computed: all of them
+#: unless stopped.
+ComputeWindows = Callable[
+    [float, np.ndarray, torch.Tensor, Callable[[int], None] | None, Callable[[], bool]],
+    np.ndarray,
+]
 
 
 @dataclass(frozen=True)
@@ -72,7 +85,12 @@ class OcclusionReport:
 
 
 class ProgressiveRun:
-    """Computes one attribution, stage by stage; iterate `steps()` to drive it."""
+    """Computes one attribution, stage by stage; iterate `steps()` to drive it.
+
+    `prepare(tau)` gives the call prepared with that threshold; its windows run
+    here, or with `compute` wherever that puts them (every stage's: the coarse
+    pass, calibration's samples, the refinement, the self-check's exact windows),
+    while the stages, the table and the heatmaps stay here."""
 
     def __init__(
         self,
@@ -88,6 +106,7 @@ class ProgressiveRun:
         format_result: Callable[[torch.Tensor], torch.Tensor | tuple] = lambda t: t,
         window_ids: np.ndarray | None = None,
         verify: Callable[[np.ndarray], WindowCheck] | None = None,
+        compute: ComputeWindows | None = None,
     ):
         self._prepare = prepare
         self._target = target
@@ -102,6 +121,8 @@ class ProgressiveRun:
         self._window_ids = window_ids  # only these windows (None: every one)
         # verify(candidate window ids) -> the started self-check
         self._verify = verify
+        # Every stage's windows, where they are not computed here by `prepare(tau)`.
+        self._compute_elsewhere = compute
         self.report: OcclusionReport | None = None
         self.result: torch.Tensor | None = None
 
@@ -136,10 +157,10 @@ class ProgressiveRun:
         cancelled = False
         try:
             if not drilling:
-                yield from self._compute(first, ids, self._stage, True)
+                yield from self._compute(first.plan.tau, ids, self._stage, True)
             else:
                 self._set_planned(len(self._lattice_ids))
-                yield from self._compute(first, self._lattice_ids, "coarse", False)
+                yield from self._compute(1.0, self._lattice_ids, "coarse", False)
                 if self._target_ssim is not None:
                     calibration = self._calibrate(first)
                     self.approximation = calibration.approximation
@@ -148,9 +169,7 @@ class ProgressiveRun:
                     scores, self.approximation.drilldown or 1.0, self._computed
                 )
                 self._set_planned(int(self._computed.sum()) + len(order))
-                yield from self._compute(
-                    self._prepare(self.approximation.tau), order, "refine", True
-                )
+                yield from self._compute(self.approximation.tau, order, "refine", True)
         except _Cancelled:
             cancelled = True
         self_check = self._self_check(check)
@@ -185,30 +204,54 @@ class ProgressiveRun:
             self._on_planned(planned)
 
     def _compute(
-        self, prepared: PreparedOcclusion, ids: np.ndarray, stage: Stage, last: bool
+        self, tau: float, ids: np.ndarray, stage: Stage, last: bool
     ) -> Iterator[OcclusionProgress]:
         """Windows `ids` into the table; a report after each batch when asked, except
         after the run's last batch (the final report follows)."""
         self._stage = stage
         self._check_cancel()
         position = 0
-        batches = prepared.fill_diffs(
-            ids, self._target, self._batch_size(prepared), self._initial, self._diffs
-        )
+        batches = self._batches(tau, ids, self._diffs, self._on_batch)
         try:
-            for count in batches:
-                self._computed[ids[position : position + count]] = True
-                if prepared.plan.tau == 1.0:
-                    self._exact[ids[position : position + count]] = True
-                position += count
-                if self._on_batch is not None:
-                    self._on_batch(count)
+            for done in batches:
+                self._computed[done] = True
+                if tau == 1.0:
+                    self._exact[done] = True
+                position += len(done)
                 if last and position == len(ids):
                     break  # every planned window is done: complete, cancelled or not
                 self._check_cancel()
-                if self._report_batches and not (last and position == len(ids)):
+                if self._report_batches:
                     yield self._progress()
                     self._check_cancel()  # set while the report was being handled
+        finally:
+            batches.close()
+
+    def _batches(
+        self,
+        tau: float,
+        ids: np.ndarray,
+        table: torch.Tensor,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Windows `ids` with threshold `tau` into their rows of `table`; yields the
+        ids of each finished part: a batch here, or, computed elsewhere, all that
+        were computed (fewer once the run is cancelled). Closing it between parts
+        leaves the finished rows in place."""
+        if self._compute_elsewhere is not None:
+            yield self._compute_elsewhere(tau, ids, table, on_batch, self._cancelled)
+            return
+        prepared = self._prepare(tau)
+        batches = prepared.fill_diffs(
+            ids, self._target, self._batch_size(prepared), self._initial, table
+        )
+        position = 0
+        try:
+            for count in batches:
+                if on_batch is not None:
+                    on_batch(count)
+                yield ids[position : position + count]
+                position += count
         finally:
             batches.close()
 
@@ -228,16 +271,17 @@ class ProgressiveRun:
 
         def exact_diffs(ids: np.ndarray) -> torch.Tensor:
             table = torch.empty_like(self._diffs)
-            for _ in self._prepare(1.0).fill_diffs(
-                ids, self._target, len(ids), self._initial, table
-            ):
+            for _ in self._batches(1.0, ids, table):
                 pass
             return table[torch.from_numpy(ids).to(table.device)]
 
         return self._verify(np.flatnonzero(self._computed)).finish(exact_diffs)
 
+    def _cancelled(self) -> bool:
+        return self._cancel is not None and self._cancel.is_set()
+
     def _check_cancel(self) -> None:
-        if self._cancel is not None and self._cancel.is_set():
+        if self._cancelled():
             raise _Cancelled
 
     def _progress(self) -> OcclusionProgress:
@@ -279,11 +323,8 @@ class ProgressiveRun:
         assert self._lattice is not None
 
         def run_with_tau(tau: float, ids: np.ndarray) -> torch.Tensor:
-            prepared = self._prepare(tau)
             scratch = torch.empty_like(self._diffs)
-            for _ in prepared.fill_diffs(
-                ids, self._target, self._batch_size(prepared), self._initial, scratch
-            ):
+            for _ in self._batches(tau, ids, scratch):
                 self._check_cancel()
             return scratch[torch.from_numpy(ids).to(scratch.device)].to(torch.float64).cpu()
 

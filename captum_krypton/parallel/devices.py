@@ -1,10 +1,11 @@
 """One process, several devices: the windows of one attribution sharded across
 GPUs (or CPU threads), one model replica and one set of views per device.
 
-Each device computes its share of the window table (windows x outputs) exactly
-as a single device would; the table is gathered on the CPU and accumulated once,
-so the result equals a one-device run up to the rounding of the per-window
-outputs.
+Each device computes its shard of a stage's windows (rows of the window
+table, windows x outputs) exactly as a single device would; the rows are
+gathered into the one table of the run (engine/progressive.py), which
+accumulates them once, so the result equals a one-device run up to the rounding
+of the per-window outputs.
 """
 
 from __future__ import annotations
@@ -107,37 +108,39 @@ def compute_shard(
 
 
 def gather_shards(
-    num_windows: int, shards: Sequence[np.ndarray], results: Sequence[tuple[torch.Tensor, int]]
-) -> tuple[torch.Tensor, torch.dtype, np.ndarray]:
-    """Every window's row, (windows, outputs), from the shards' results; also the
-    dtype and which windows were computed."""
-    first = results[0][0]
-    diffs = torch.zeros((num_windows, first.shape[1]), dtype=first.dtype)
-    done = np.zeros(num_windows, dtype=bool)
+    table: torch.Tensor,
+    shards: Sequence[np.ndarray],
+    results: Sequence[tuple[torch.Tensor, int]],
+) -> np.ndarray:
+    """Each shard's computed rows (`compute_shard`'s results, one per shard of
+    window ids) into their rows of `table` (windows x outputs); the ids computed."""
+    done = []
     for ids, (rows, computed) in zip(shards, results):
-        diffs[torch.from_numpy(ids)] = rows
-        done[ids[:computed]] = True
-    return diffs, first.dtype, done
+        if computed == 0:
+            continue
+        index = torch.from_numpy(np.ascontiguousarray(ids[:computed], dtype=np.int64))
+        table[index.to(table.device)] = rows[:computed].to(table.device)
+        done.append(ids[:computed])
+    return np.concatenate(done) if done else np.zeros(0, dtype=np.int64)
 
 
 def run_sharded(
     prepared: Sequence[PreparedOcclusion],
     targets: Sequence[Any],
+    shards: Sequence[np.ndarray],
     batch_size: Callable[[PreparedOcclusion], int],
     on_batch: Callable[[int], None] | None = None,
-    cancel: threading.Event | None = None,
+    should_stop: Callable[[], bool] | None = None,
     behaviours: Sequence[BatchBehaviour | None] | None = None,
-) -> tuple[torch.Tensor, torch.dtype, np.ndarray]:
-    """Every window's output difference, (windows, outputs) on the CPU, computed
-    with windows split into contiguous shards, one thread per prepared device; also
-    the outputs' dtype and which windows were computed (all, unless cancelled)."""
-    num_windows = prepared[0].grid.num_windows
-    shards = np.array_split(np.arange(num_windows), len(prepared))
+) -> list[tuple[torch.Tensor, int]]:
+    """The rows of each shard of window ids (`compute_shard`'s results), shard i
+    computed on prepared device i, one thread per device; every shard stops
+    between batches once `should_stop()` or another shard has failed."""
     results: list[tuple[torch.Tensor, int] | None] = [None] * len(prepared)
     errors: list[BaseException] = []
 
-    def should_stop() -> bool:
-        return bool(errors) or (cancel is not None and cancel.is_set())
+    def stop() -> bool:
+        return bool(errors) or (should_stop is not None and should_stop())
 
     def work(index: int) -> None:
         ready = prepared[index]
@@ -148,7 +151,7 @@ def run_sharded(
                 targets[index],
                 batch_size(ready),
                 on_batch,
-                should_stop,
+                stop,
                 None if behaviours is None else behaviours[index],
             )
         except BaseException as exc:  # re-raised in the caller's thread
@@ -161,4 +164,4 @@ def run_sharded(
         thread.join()
     if errors:
         raise errors[0]
-    return gather_shards(num_windows, shards, results)
+    return results  # type: ignore[return-value]

@@ -1,4 +1,6 @@
-"""The windows of one call shared over several devices (`devices=`).
+"""The windows of one call shared over several devices (`devices=`), stage by
+stage: the run (engine/progressive.py) hands each stage's window ids to
+`ShardedCall.compute`, which splits them into one shard per device.
 
 On several GPUs this process computes the first device's shard and a worker
 process each other's (parallel/workers.py); otherwise (CPU devices, or workers
@@ -8,7 +10,6 @@ unavailable) one thread per device in this process (parallel/devices.py).
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from captum_krypton.parallel.devices import (
     state_key,
     to_device,
 )
-from captum_krypton.parallel.workers import DeviceWorker, WorkerPool, WorkerUnavailable
+from captum_krypton.parallel.workers import DeviceWorker, ShardJob, WorkerPool, WorkerUnavailable
 
 
 def uses_workers(devices: Sequence[torch.device]) -> bool:
@@ -43,71 +44,108 @@ def uses_workers(devices: Sequence[torch.device]) -> bool:
 @dataclass
 class ShardedCall:
     """One call prepared on the devices of this process, with the workers (one
-    per device after the first, or none) that compute the other shards."""
+    per device after the first, or none) that compute the other shards; its
+    `compute` shares the windows of any stage over every device."""
 
     arguments: CaptumArguments
     settings: EngineSettings
     #: Every device of the call, this process's first.
     devices: tuple[torch.device, ...]
-    #: One per device computed in this process: the first, or all without workers.
+    #: One per device computed in this process: the first, or all without workers;
+    #: prepared at `first_tau`, as a one-device call prepares its first pass.
     prepared: list[PreparedOcclusion]
     workers: list[DeviceWorker]
     pool: WorkerPool
+    #: Numbers the call for the workers, which prepare it once for all its stages.
+    number: int = 0
+    first_tau: float = 1.0
 
     @property
-    def total(self) -> int:
-        return self.prepared[0].grid.num_windows
+    def first(self) -> PreparedOcclusion:
+        """The call prepared on the first device, where the run's table lives."""
+        return self.prepared[0]
 
-    def run(
-        self, on_batch: Callable[[int], None], cancel: threading.Event | None
-    ) -> tuple[torch.Tensor, int]:
-        """The attribution, on the input's device, and how many windows were
-        computed: all, unless `cancel` was set (then positions that no computed
-        window covers are NaN). `on_batch` gets each batch's window count, from
-        several threads."""
+    def compute(
+        self,
+        tau: float,
+        ids: np.ndarray,
+        table: torch.Tensor,
+        on_batch: Callable[[int], None] | None,
+        should_stop: Callable[[], bool],
+    ) -> np.ndarray:
+        """Windows `ids` with threshold `tau`, in one contiguous shard per device,
+        into their rows of `table`; returns the ids computed (all, unless
+        `should_stop()` stopped the shards). `on_batch` gets each batch's window
+        count, from several threads. Where the windows are exact (tau = 1), each
+        shard checks itself against the forward function on its own device."""
+        shards = np.array_split(np.asarray(ids, dtype=np.int64), len(self.devices))
+        prepared = [self.settings.choose_kernels(ready.with_tau(tau)) for ready in self.prepared]
+        checked = tau == 1.0
         if self.workers:
-            diffs, dtype, done = self._run_with_workers(on_batch, cancel)
+            results = self._compute_with_workers(
+                prepared[0], tau, shards, on_batch, should_stop, checked
+            )
         else:
             targets = [to_device(self.arguments.target, d) for d in self.devices]
-            behaviours = [ready.batch_behaviour for ready in self.prepared]
-            diffs, dtype, done = run_sharded(
-                self.prepared, targets, self.settings.batch_size, on_batch, cancel, behaviours
+            behaviours = [ready.batch_behaviour if checked else None for ready in prepared]
+            results = run_sharded(
+                prepared,
+                targets,
+                shards,
+                self.settings.batch_size,
+                on_batch,
+                should_stop,
+                behaviours,
             )
-        first = self.prepared[0]
-        if done.all():
-            result = first.attribution_from(diffs, dtype)
-        else:
-            result = first.partial_attribution(diffs, done, dtype)
-        return result.to(self.arguments.formatted_inputs[0].device), int(done.sum())
+        return gather_shards(table, shards, results)
 
-    def _run_with_workers(
-        self, on_batch: Callable[[int], None], cancel: threading.Event | None
-    ) -> tuple[torch.Tensor, torch.dtype, np.ndarray]:
-        shards = np.array_split(np.arange(self.total), len(self.devices))
-        ready = self.prepared[0]
+    def close(self) -> None:
+        """The call is over: the workers let its preparation go."""
+        self.pool.end_call(self.workers)
+
+    def _compute_with_workers(
+        self,
+        ready: PreparedOcclusion,
+        tau: float,
+        shards: list[np.ndarray],
+        on_batch: Callable[[int], None] | None,
+        should_stop: Callable[[], bool],
+        checked: bool,
+    ) -> list[tuple[torch.Tensor, int]]:
+        """The first shard here, the others on the workers (those with no window
+        in this stage stay idle); the results in the order of `shards`."""
         target = to_device(self.arguments.target, self.devices[0])
+        busy = [i for i, shard in enumerate(shards[1:]) if len(shard)]
 
-        def local(poll: Callable[[], None], should_stop: Callable[[], bool]) -> Any:
+        def local(poll: Callable[[], None], stop: Callable[[], bool]) -> Any:
             def on_local_batch(count: int) -> None:
-                on_batch(count)
+                if on_batch is not None:
+                    on_batch(count)
                 poll()
 
             batch = self.settings.batch_size(ready)
-            behaviour = ready.batch_behaviour
-            return compute_shard(
-                ready, shards[0], target, batch, on_local_batch, should_stop, behaviour
-            )
+            behaviour = ready.batch_behaviour if checked else None
+            return compute_shard(ready, shards[0], target, batch, on_local_batch, stop, behaviour)
 
-        local_result, remote_results = self.pool.run(
-            self.workers,
+        job = ShardJob(
+            self.number,
             arguments_on(self.arguments, torch.device("cpu")),
             self.settings,
-            shards[1:],
+            first_tau=self.first_tau,
+            tau=tau,
+        )
+        local_result, remote_results = self.pool.run(
+            [self.workers[i] for i in busy],
+            job,
+            [shards[1 + i] for i in busy],
             local,
             on_batch,
-            lambda: cancel is not None and cancel.is_set(),
+            should_stop,
         )
-        return gather_shards(self.total, shards, [local_result, *remote_results])
+        results = [local_result] + [(torch.zeros(0), 0)] * len(self.workers)
+        for i, result in zip(busy, remote_results):
+            results[1 + i] = result
+        return results
 
 
 class ShardedOcclusion:
@@ -118,6 +156,7 @@ class ShardedOcclusion:
         self._replicas = Replicas()
         self._preparers: dict[nn.Module, Preparer] = {}
         self.pool = WorkerPool()
+        self._calls = 0
 
     def prepare(
         self,
@@ -126,10 +165,12 @@ class ShardedOcclusion:
         settings: EngineSettings,
         devices: tuple[torch.device, ...],
         warn: Callable[[str], None],
+        first_tau: float = 1.0,
     ) -> ShardedCall:
-        """`arguments` prepared on `devices`; `warn` hears why workers are not used
-        where they would be. Raises Captum's assertions for bad windows, and
-        UnsupportedForIncremental or SelfCheckFailed where the engine does not apply."""
+        """`arguments` prepared on `devices`, with threshold `first_tau` (the first
+        pass's); `warn` hears why workers are not used where they would be.
+        Raises Captum's assertions for bad windows, and UnsupportedForIncremental
+        or SelfCheckFailed where the engine does not apply."""
         module = resolve_module(forward_func)
         workers = self._workers(module, devices, warn)
         local_devices = devices[:1] if workers else devices
@@ -140,9 +181,12 @@ class ShardedOcclusion:
         for device in local_devices:
             replica = self._replicas.on(module, device)
             preparer = self._preparers.setdefault(replica, Preparer())
-            ready = preparer.prepare(replica, arguments_on(arguments, device), settings)
+            ready = preparer.prepare(replica, arguments_on(arguments, device), settings, first_tau)
             prepared.append(settings.choose_kernels(ready))
-        return ShardedCall(arguments, settings, devices, prepared, workers, self.pool)
+        self._calls += 1
+        return ShardedCall(
+            arguments, settings, devices, prepared, workers, self.pool, self._calls, first_tau
+        )
 
     def _workers(
         self, module: nn.Module, devices: tuple[torch.device, ...], warn: Callable[[str], None]

@@ -10,14 +10,17 @@ A worker is a plain `python -c` process running `serve` (no fork, no
 re-import of the caller's `__main__`) that sees only its own GPU and
 talks through its stdin and stdout pipes as `multiprocessing` connections (its
 prints go to stderr). It gets the model once per
-model version (`torch.save`, loaded straight onto its GPU), then per call the
-inputs and its shard of window ids, and sends back a progress message per batch
-and its rows of the window table. It exits when told, or when the caller's
-process goes away.
+model version (`torch.save`, loaded straight onto its GPU), then per stage of a
+call (exact occlusion has one; drill-down, calibration and the self-check add
+more) the inputs, the stage's projective-field threshold and its shard of window
+ids, and sends back a progress message per batch and its rows of the window
+table. It prepares a call once, at its first stage, and keeps that until the
+call ends. It exits when told, or when the caller's process goes away.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -34,6 +37,7 @@ import torch
 from torch import nn
 
 from captum_krypton.engine.call import CaptumArguments
+from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.preparer import Preparer
 from captum_krypton.engine.settings import EngineSettings
 from captum_krypton.parallel.devices import compute_shard
@@ -49,12 +53,19 @@ class WorkerUnavailable(RuntimeError):
 
 @dataclass
 class ShardJob:
-    """What a worker needs for its shard of one call (tensors on the CPU)."""
+    """What a worker needs for its shard of one stage of a call (tensors on the CPU)."""
 
+    #: The call it belongs to: the worker prepares it once, at `first_tau` as the
+    #: caller's first device did, and keeps that for the call's other stages.
     call: int
     arguments: CaptumArguments
     settings: EngineSettings
-    window_ids: np.ndarray
+    first_tau: float = 1.0
+    #: The stage's projective-field threshold and the worker's shard of its windows.
+    tau: float = 1.0
+    window_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: The stage's number, which a stop message names (set by `WorkerPool.run`).
+    run: int = 0
     math_settings: dict = field(default_factory=dict)
 
 
@@ -152,8 +163,12 @@ class DeviceWorker:
     def start(self, job: ShardJob) -> None:
         self.sender.send_bytes(b"run__" + _to_bytes(job))
 
-    def cancel(self, call: int) -> None:
-        self.sender.send_bytes(b"stop_" + str(call).encode())
+    def cancel(self, run: int) -> None:
+        self.sender.send_bytes(b"stop_" + str(run).encode())
+
+    def end_call(self) -> None:
+        """The call is over: the worker lets its preparation go."""
+        self.sender.send_bytes(b"end__")
 
     def close(self) -> None:
         try:
@@ -174,7 +189,7 @@ class WorkerPool:
         self._workers: dict[tuple[int, torch.device], DeviceWorker] = {}
         # also at interpreter exit, before the subprocess machinery is torn down
         self._finalizer = weakref.finalize(self, _close_workers, self._workers)
-        self._calls = 0
+        self._runs = 0
         #: Why workers could not serve the model version `unavailable_for`.
         self.unavailable: str | None = None
         self.unavailable_for: tuple | None = None
@@ -201,19 +216,18 @@ class WorkerPool:
     def run(
         self,
         workers: Sequence[DeviceWorker],
-        arguments: CaptumArguments,
-        settings: EngineSettings,
+        job: ShardJob,
         shards: Sequence[np.ndarray],
         local: Callable[[Callable[[], None], Callable[[], bool]], tuple[torch.Tensor, int]],
-        on_batch: Callable[[int], None],
+        on_batch: Callable[[int], None] | None,
         should_stop: Callable[[], bool],
     ) -> tuple[tuple[torch.Tensor, int], list[tuple[torch.Tensor, int]]]:
-        """Start every worker's shard (`shards`, one per worker, of the call
-        `arguments` with tensors on the CPU), compute the local one with
+        """Start every worker's shard of one stage (`job` with each of `shards`,
+        one per worker, as its window ids), compute the local one with
         `local(poll, should_stop)` (poll forwards the workers' progress and a
         cancel), then collect the workers' rows."""
-        self._calls += 1
-        call = self._calls
+        self._runs += 1
+        run = self._runs
         pending = set(range(len(workers)))
         results: list[tuple[torch.Tensor, int] | None] = [None] * len(workers)
         cancelled = False
@@ -224,7 +238,8 @@ class WorkerPool:
             while index in pending and (block or worker.receiver.poll()):
                 kind, payload = worker.receive()
                 if kind == "batch":
-                    on_batch(payload)
+                    if on_batch is not None:
+                        on_batch(payload)
                 elif kind == "done":
                     results[index] = _from_bytes(payload, "cpu")
                     pending.discard(index)
@@ -239,11 +254,14 @@ class WorkerPool:
             if not cancelled and (errors or should_stop()):
                 cancelled = True
                 for index in pending:
-                    workers[index].cancel(call)
+                    workers[index].cancel(run)
 
         try:
             for worker, ids in zip(workers, shards):
-                worker.start(ShardJob(call, arguments, settings, ids, math_settings()))
+                shard = dataclasses.replace(
+                    job, window_ids=ids, run=run, math_settings=math_settings()
+                )
+                worker.start(shard)
             local_result = local(poll, lambda: bool(errors) or should_stop())
             poll()
             for index in list(pending):
@@ -254,6 +272,15 @@ class WorkerPool:
         if errors:
             raise errors[0]
         return local_result, results  # type: ignore[return-value]
+
+    def end_call(self, workers: Sequence[DeviceWorker]) -> None:
+        """Tell `workers` that their call is over (a worker that has stopped is
+        found out by the next call)."""
+        for worker in workers:
+            try:
+                worker.end_call()
+            except (OSError, ValueError):
+                pass
 
     def close(self) -> None:
         _close_workers(self._workers)
@@ -276,11 +303,24 @@ def _sendable(exc: BaseException) -> BaseException:
 
 
 def _run_job(
-    sender: Connection, receiver: Connection, model: nn.Module, preparer: Preparer, job: ShardJob
+    sender: Connection,
+    receiver: Connection,
+    model: nn.Module,
+    preparer: Preparer,
+    job: ShardJob,
+    calls: dict[int, PreparedOcclusion],
 ) -> None:
+    """One stage's shard: the call prepared as the caller's first device has it
+    (kept in `calls` for the call's later stages), at the stage's threshold; the
+    shard checks itself where its windows are exact."""
     _apply_math_settings(job.math_settings)
     settings = job.settings
-    ready = settings.choose_kernels(preparer.prepare(model, job.arguments, settings))
+    first = calls.get(job.call)
+    if first is None:
+        calls.clear()  # an earlier call's
+        first = preparer.prepare(model, job.arguments, settings, job.first_tau)
+        calls[job.call] = first
+    ready = settings.choose_kernels(first.with_tau(job.tau))
     stop = False
 
     def on_batch(count: int) -> None:
@@ -288,7 +328,7 @@ def _run_job(
         sender.send(("batch", count))
         while receiver.poll():
             message = receiver.recv_bytes()
-            if message == b"stop_" + str(job.call).encode():
+            if message == b"stop_" + str(job.run).encode():
                 stop = True
 
     result = compute_shard(
@@ -298,7 +338,7 @@ def _run_job(
         settings.batch_size(ready),
         on_batch,
         lambda: stop,
-        ready.batch_behaviour,
+        ready.batch_behaviour if job.tau == 1.0 else None,
     )
     sender.send(("done", _to_bytes(result)))
 
@@ -315,6 +355,7 @@ def serve(device_name: str) -> None:
         torch.cuda.set_device(device)
     model: nn.Module | None = None
     preparer = Preparer()
+    calls: dict[int, PreparedOcclusion] = {}  # the call being served, prepared
     while True:
         try:
             message = receiver.recv_bytes()
@@ -325,14 +366,18 @@ def serve(device_name: str) -> None:
             return
         if kind == b"stop_":  # arrived after its shard was done
             continue
+        if kind == b"end__":
+            calls.clear()
+            continue
         try:
             if kind == b"model":
                 model, preparer = _from_bytes(payload, device), Preparer()
+                calls.clear()
                 sender.send(("ready", None))
             elif kind == b"run__":
                 if model is None:
                     raise RuntimeError("no model was sent")
-                _run_job(sender, receiver, model, preparer, _from_bytes(payload, device))
+                _run_job(sender, receiver, model, preparer, _from_bytes(payload, device), calls)
         except BaseException as exc:  # reported to the caller, which raises it
             sender.send(("error" if kind == b"run__" else "failed", _sendable(exc)))
             if isinstance(exc, KeyboardInterrupt):
