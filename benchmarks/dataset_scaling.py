@@ -123,6 +123,11 @@ def main() -> None:
         default=40,
         help="images compared between one process and several with TF32 off (0: none)",
     )
+    parser.add_argument(
+        "--launchers",
+        default="torchrun,nproc_per_node",
+        help="comma-separated: torchrun and/or nproc_per_node (the command's own)",
+    )
     parser.add_argument("--append", action="store_true", help="keep other models' entries")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = parser.parse_args()
@@ -158,6 +163,8 @@ def main() -> None:
             "nproc_per_node": (one_process, ("--nproc-per-node", str(processes))),
         }
         for name, (launcher, extra) in launches.items():
+            if name not in args.launchers.split(","):
+                continue
             out = root / f"{name}{processes}"
             shared = run_command(launcher, data, out, args, env, extra)
             maps = read_maps(out)

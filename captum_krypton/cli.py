@@ -9,9 +9,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
-import torch
-
 
 def _best_time(fn, repeats: int) -> tuple[float, object]:
     best, result = float("inf"), None
@@ -25,6 +22,8 @@ def _best_time(fn, repeats: int) -> tuple[float, object]:
 def demo(args: argparse.Namespace) -> int:
     """Explain the bundled shapes model on a generated image; save a PNG; compare times."""
     import matplotlib
+    import numpy as np
+    import torch
 
     matplotlib.use("Agg")
     from captum.attr import Occlusion
@@ -176,10 +175,17 @@ def attribute(args: argparse.Namespace) -> int:
     local_ranks = None
     if args.nproc_per_node is not None and "WORLD_SIZE" not in os.environ:
         count = args.nproc_per_node
-        processes = torch.cuda.device_count() if count == "gpu" else int(count)
+        if count == "gpu":
+            import torch
+
+            processes = torch.cuda.device_count()
+        else:
+            processes = int(count)
         if processes > 1:
             local_ranks = LocalRanks(rank_command(args.argv), processes)
             local_ranks.start()  # before the imports below: the others start meanwhile
+
+    import torch
 
     from captum_krypton import IncrementalOcclusion
     from captum_krypton.parallel.distributed import run

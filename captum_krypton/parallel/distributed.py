@@ -9,19 +9,23 @@ maps go to a Zarr array (one chunk per item) or one .npy per item
 (parallel/map_store.py), with a manifest of settings and versions; a rerun skips
 items already written, so a killed run resumes where it stopped.
 
-Only the store and a final barrier are shared, so the process group is gloo even
-on GPUs: no NCCL communicator is built for a run that never sends a tensor.
+Ranks share only a key-value store (torch.distributed's TCPStore): the list of
+items and the counter. No process group is formed, so no rank waits for the
+others to start, and no NCCL communicator is built for a run that never sends a
+tensor.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from captum_krypton.parallel.launch import LAUNCHED_BY_RANK_0, LocalRanks
+from captum_krypton.parallel.launch import LocalRanks
 from captum_krypton.parallel.map_store import (
     NpyFiles,
     ZarrArrays,
@@ -38,6 +42,9 @@ from captum_krypton.parallel.map_store import (
     make_store,
     versions,
 )
+
+#: How long a rank waits on the store (for rank 0's list of items, say).
+STORE_TIMEOUT = timedelta(hours=1)
 
 
 def load_object(spec: str) -> Any:
@@ -87,21 +94,41 @@ class Rank:
     index: int
     world: int
     device: torch.device
+    #: The key-value store the ranks share (None for one process).
+    store: Any = None
+    #: Whether this process serves the store (then it waits for the others).
+    serves_store: bool = False
+    #: Prefix of this run's keys in the store.
+    prefix: str = "captum_krypton/"
 
 
 def start_rank() -> Rank:
-    """Join torch.distributed when launched by torchrun (gloo: see the module's
-    docstring); this rank's GPU is cuda:LOCAL_RANK where there are GPUs."""
+    """This rank, from the environment torchrun (or `--nproc-per-node`) sets;
+    its GPU is cuda:LOCAL_RANK where there are GPUs. Several ranks share a
+    TCPStore: torchrun's agent's where it offers one, else one served by rank 0,
+    which does not wait for the others to connect (no process group is formed,
+    so a rank starts work as soon as it is ready)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    index = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
-    index = dist.get_rank() if dist.is_initialized() else 0
-    return Rank(index, world, device)
+    if world == 1:
+        return Rank(index, world, device)
+    serves = index == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size=None,
+        is_master=serves,
+        timeout=STORE_TIMEOUT,
+        wait_for_workers=False,
+    )
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "local")
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return Rank(index, world, device, store, serves, f"captum_krypton/{run_id}/{restarts}/")
 
 
 def item_names(images: Any) -> list[str]:
@@ -139,51 +166,48 @@ def estimated_costs(images: Any, window: int, stride: int) -> list[int] | None:
 
 class WorkQueue:
     """The items still to do, handed out one at a time to whichever rank asks
-    first, through a counter in torch.distributed's key-value store (one process:
-    in order)."""
+    first, through a counter in the ranks' store (one process: in order)."""
 
-    def __init__(self, todo: list[int]):
+    def __init__(self, todo: list[int], rank: Rank):
         self.todo = todo
         self._next = 0
-        self._store = None
-        if dist.is_initialized():
-            try:
-                self._store = dist.distributed_c10d._get_default_store()
-            except (AttributeError, RuntimeError):
-                self._store = None
-            restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            self._key = f"captum_krypton/next_item/{restarts}"
-            if self._store is None:  # no shared counter: a fixed share per rank
-                rank, world = dist.get_rank(), dist.get_world_size()
-                self.todo = todo[rank::world]
+        self._rank = rank
 
     def next(self) -> int | None:
         """The next item to compute, or None when all are taken."""
-        if self._store is not None:
-            position = int(self._store.add(self._key, 1)) - 1
+        if self._rank.store is not None:
+            position = int(self._rank.store.add(self._rank.prefix + "next_item", 1)) - 1
         else:
             position = self._next
             self._next += 1
         return self.todo[position] if position < len(self.todo) else None
 
 
-def _shared_from_first_rank(compute: Callable[[], Any]) -> Any:
+def _shared_from_first_rank(rank: Rank, compute: Callable[[], Any]) -> Any:
     """`compute()` on rank 0, its result (or its error, raised) on every rank."""
-    payload: list[Any] = [None]
-    error: Exception | None = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank.store is None:
+        return compute()
+    key = rank.prefix + "plan"
+    if rank.index == 0:
         try:
-            payload = [("ok", compute())]
+            value = compute()
         except Exception as exc:  # every rank stops, not only the first
-            error, payload = exc, [("error", f"{type(exc).__name__}: {exc}")]
-    if dist.is_initialized():
-        dist.broadcast_object_list(payload, src=0)
-    if error is not None:
-        raise error
-    kind, value = payload[0]
-    if kind == "error":
-        raise RuntimeError(f"the first rank could not start the run: {value}")
-    return value
+            rank.store.set(key, json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+            raise
+        rank.store.set(key, json.dumps({"value": value}))
+        return value
+    payload = json.loads(rank.store.get(key))
+    if "error" in payload:
+        raise RuntimeError(f"the first rank could not start the run: {payload['error']}")
+    return payload["value"]
+
+
+def _wait_for_other_ranks(rank: Rank) -> None:
+    """Keep the store up (rank 0 serves it) until every rank has said it is done."""
+    key = rank.prefix + "ranks_done"
+    rank.store.add(key, 1)
+    while rank.serves_store and int(rank.store.add(key, 0)) < rank.world:
+        time.sleep(0.05)
 
 
 def _item_target(model: nn.Module, inputs: torch.Tensor, target: str, labels: Any, i: int) -> int:
@@ -269,7 +293,7 @@ def _start(
             todo.sort(key=lambda i: -costs[i])
         return todo
 
-    todo = _shared_from_first_rank(plan_the_run)
+    todo = _shared_from_first_rank(rank, plan_the_run)
     store.open()
     store.remove_partial(rank.index)
     model = load_object(model_spec).to(rank.device).eval()
@@ -320,11 +344,9 @@ def run(
             log(f"rank {index}: interrupted while starting; the same command resumes")
         if local_ranks is not None:
             local_ranks.stop()
-        if dist.is_initialized():
-            dist.destroy_process_group()
         raise
     rank, store = job.rank, job.store
-    queue = WorkQueue(job.todo)
+    queue = WorkQueue(job.todo, rank)
     ready = time.perf_counter() - began
     log(
         f"rank {rank.index}/{rank.world}: {len(job.todo)} of {len(job.names)} items to do; "
@@ -361,9 +383,9 @@ def run(
             f"(ready {ready:.1f} s, first item {first})"
         )
         if local_ranks is not None:
-            local_ranks.wait()
-        elif dist.is_initialized() and os.environ.get(LAUNCHED_BY_RANK_0) != "1":
-            dist.barrier()
+            local_ranks.wait()  # their processes: also when one dies
+        elif rank.store is not None:
+            _wait_for_other_ranks(rank)
     except KeyboardInterrupt:
         _quiet_after_interrupt()
         finished = sum(store.done(i) for i in range(len(job.names)))
@@ -373,13 +395,9 @@ def run(
         )
         if local_ranks is not None:
             local_ranks.stop()
-        if dist.is_initialized():
-            dist.destroy_process_group()
         raise
     except BaseException:
         if local_ranks is not None:
             local_ranks.stop()
         raise
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return written

@@ -24,9 +24,6 @@ import threading
 import time
 from collections.abc import Sequence
 
-#: Set in the ranks this launcher starts: they end without a barrier, since
-#: rank 0 waits for their processes to exit instead.
-LAUNCHED_BY_RANK_0 = "CAPTUM_KRYPTON_LAUNCHED_BY_RANK_0"
 #: How long ranks get to stop after Ctrl-C before they are killed (seconds).
 STOP_GRACE_SECONDS = 30.0
 
@@ -67,7 +64,6 @@ class LocalRanks:
         }
         for rank in range(1, self.processes):
             env = dict(os.environ, **shared, RANK=str(rank), LOCAL_RANK=str(rank))
-            env[LAUNCHED_BY_RANK_0] = "1"
             self.children.append(subprocess.Popen(self.command, env=env))
         os.environ.update(shared, RANK="0", LOCAL_RANK="0")
         threading.Thread(target=self._watch_start, daemon=True).start()
