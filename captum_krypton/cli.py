@@ -99,8 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=attribute.__doc__,
         epilog="example: captum-krypton attribute --model mymodels:load --data images/ "
         "--out maps/ --window 16 --stride 8 --target top  (MODULE is imported from the "
-        "current folder, as `python -m` does; under torchrun every rank takes its share; "
-        "Ctrl-C stops with one line per rank, and the same command resumes)",
+        "current folder, as `python -m` does; with --nproc-per-node or under torchrun the "
+        "ranks share the items; Ctrl-C stops with one line per rank, and the same command "
+        "resumes)",
     )
     run_parser.add_argument(
         "--model", required=True, help="MODULE:FN, a function returning the model (nn.Module)"
