@@ -153,7 +153,8 @@ class ProgressiveRun:
         )
         self._computed = np.zeros(grid.num_windows, dtype=bool)
         self._exact = np.zeros(grid.num_windows, dtype=bool)  # computed by exact plans
-        self._frozen: set[str] = set()  # frozen statistics of the plans that ran
+        # Frozen statistics of the plans that ran, in graph order (a dict as a set).
+        self._frozen: dict[str, None] = {}
         self._lattice: tuple[np.ndarray, ...] | None = None
         self._lattice_ids = np.zeros(0, dtype=np.int64)
         self._lattice_diffs: torch.Tensor | None = None
@@ -197,7 +198,7 @@ class ProgressiveRun:
             elapsed,
             cancelled,
             calibration,
-            tuple(sorted(self._frozen)),
+            tuple(self._frozen),
             self_check,
         )
         yield OcclusionProgress(
@@ -227,7 +228,7 @@ class ProgressiveRun:
         position = 0
         plan = self._prepare(approximation).plan
         if len(ids):
-            self._frozen.update(plan.frozen_statistics)
+            self._frozen.update(dict.fromkeys(plan.frozen_statistics))
         batches = self._batches(approximation, ids, self._diffs, self._on_batch)
         try:
             for done in batches:
