@@ -15,7 +15,7 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_krypton import chunks
-from captum_krypton.approx.settings import check_fraction
+from captum_krypton.approx.settings import Approximation
 from captum_krypton.captum_path import as_check_failure, fall_back, run_captum
 from captum_krypton.capture import UnsupportedForIncremental
 from captum_krypton.devices_path import path_on_devices
@@ -71,6 +71,7 @@ class IncrementalOcclusion(Occlusion):
         kernels: Kernels = "auto",
         cuda_graphs: bool | None = None,
         tau: float = 1.0,
+        freeze_global_context: bool = False,
         drilldown: float | None = None,
         drilldown_factor: int = 4,
         target_ssim: float | None = None,
@@ -130,6 +131,16 @@ class IncrementalOcclusion(Occlusion):
                 (centred) at each layer and changes beyond it are dropped: faster,
                 approximate (Krypton). Where Captum's path runs, results are exact.
                 Default: 1.0 (exact)
+            freeze_global_context (bool, optional): True: global statistics
+                whose result is multiplied or added back onto a spatial map
+                (squeeze-excitation's pooled vector in EfficientNet, MobileNetV3,
+                RegNetY; a global-average-pool branch such as DeepLab's ASPP) keep
+                the clean input's values, so a window's changed box stays a box
+                through them: faster, approximate (each window is computed as if
+                those statistics had not changed). The network's final pooling
+                into its output is never frozen. `last_run.frozen_context` and
+                `plan(...).summary()` name the frozen nodes; with none to freeze,
+                results are exact. Default: False (exact)
             drilldown (float, optional): Fraction r in (0, 1]. A coarse pass
                 computes every `drilldown_factor`-th window along each spatial dim
                 (exactly); then only the fraction r of all windows where the coarse
@@ -140,11 +151,13 @@ class IncrementalOcclusion(Occlusion):
             drilldown_factor (int, optional): The coarse pass's spacing in windows,
                 at least 2; 4 suits 224-pixel inputs with 16-pixel windows, maps
                 with finer detail than the coarse spacing want 2. Default: 4
-            target_ssim (float, optional): In (0, 1): choose `tau` and `drilldown`
-                by a calibration on these inputs (on drill-down's coarse pass) so
-                that the heatmap's SSIM vs exact is expected to reach it; the choice
-                is in `self.last_run.approximation`. Leave `tau` and `drilldown`
-                unset. Default: None
+            target_ssim (float, optional): In (0, 1): choose `tau`,
+                `freeze_global_context` (where the model has global context to
+                freeze) and `drilldown` by a calibration on these inputs (on
+                drill-down's coarse pass) so that the heatmap's SSIM vs exact is
+                expected to reach it; the choice is in
+                `self.last_run.approximation`. Leave those three unset.
+                Default: None
             on_progress (callable, optional): Called with an `OcclusionProgress` (a
                 heatmap so far, windows done and planned) after every window batch,
                 and with the final result last (`complete=True`, the returned
@@ -207,6 +220,7 @@ class IncrementalOcclusion(Occlusion):
             kernels=kernels,
             cuda_graphs=cuda_graphs,
             tau=tau,
+            freeze_global_context=freeze_global_context,
             drilldown=drilldown,
             drilldown_factor=drilldown_factor,
             target_ssim=target_ssim,
@@ -269,18 +283,22 @@ class IncrementalOcclusion(Occlusion):
         *,
         full_threshold: float | None = None,
         tau: float = 1.0,
+        freeze_global_context: bool = False,
     ) -> RegionPlan:
         """The region plan `attribute` would use: per layer the box, incremental or
         full, and FLOPs; `plan.summary()` prints it, `plan.theoretical_speedup` is the
-        FLOP ratio against full re-inference. Raises IncrementalNotApplicable when
-        the engine does not apply."""
-        check_fraction("tau", tau)
+        FLOP ratio against full re-inference, `plan.frozen_statistics` names the
+        global statistics frozen (`freeze_global_context`). Raises
+        IncrementalNotApplicable when the engine does not apply."""
+        approximation = Approximation(tau=tau, freeze_global_context=freeze_global_context)
         call = CaptumArguments(
             inputs, sliding_window_shapes, strides, baselines, None, additional_forward_args
         )
         settings = EngineSettings(full_threshold=full_threshold, self_check=False)
         try:
-            return self._preparer.prepare(self.forward_func, call, settings, tau).plan
+            return self._preparer.prepare(
+                self.forward_func, call, settings, approximation.plan
+            ).plan
         except UnsupportedForIncremental as exc:
             raise IncrementalNotApplicable(str(exc)) from exc
 
@@ -343,7 +361,7 @@ class IncrementalOcclusion(Occlusion):
                 self, self._sharded, call, options, report_batches, self._warnings
             )
         prepared = self._preparer.prepare(
-            self.forward_func, call, options.settings, options.first_tau
+            self.forward_func, call, options.settings, options.first_pass
         )
         return ProgressivePath(prepared, call, options, report_batches, self.get_name())
 

@@ -33,7 +33,7 @@ def path_on_devices(
         options.settings,
         options.devices,
         partial(warnings.warn, category=RuntimeWarning),
-        options.first_tau,
+        options.first_pass,
     )
     return ProgressivePath(
         shared.first, call, options, report_batches, occlusion.get_name(), shared

@@ -17,6 +17,7 @@ from captum_krypton.engine.call import CaptumArguments
 from captum_krypton.engine.progressive import OcclusionProgress
 from captum_krypton.engine.settings import EngineSettings, Kernels
 from captum_krypton.engine.windows import WindowGrid
+from captum_krypton.plan import EXACT, PlanApproximation
 
 Engine = Literal["auto", "incremental", "captum"]
 
@@ -28,8 +29,9 @@ class OcclusionOptions:
 
     engine: "auto", "incremental" or "captum".
     settings: how the engine runs (plan, kernels, batches, self-check).
-    approximation: tau and drill-down, as asked (exact by default).
-    target_ssim: the SSIM vs exact that chooses tau and drill-down (None: off).
+    approximation: tau, frozen global context and drill-down, as asked (exact by
+        default).
+    target_ssim: the SSIM vs exact that chooses them (None: off).
     region: (*starts, *ends) over the spatial dims: only windows inside it run.
     devices: the devices sharing the windows; None on Captum's path or when not given.
     on_progress: called with every `OcclusionProgress` of `attribute`.
@@ -50,13 +52,17 @@ class OcclusionOptions:
         and drilldown_factor are checked by Approximation, windows_per_batch by
         EngineSettings)."""
         asked = self.approximation
-        approximation_set = asked.tau != 1.0 or asked.drilldown is not None
+        approximation_set = (
+            asked.tau != 1.0 or asked.freeze_global_context or asked.drilldown is not None
+        )
         if self.devices is not None and not self.devices:
             raise ValueError("devices must name at least one device")
         if self.target_ssim is not None:
             check_target_ssim(self.target_ssim)
             if approximation_set:
-                raise ValueError("target_ssim chooses tau and drilldown: leave them unset")
+                raise ValueError(
+                    "target_ssim chooses tau, freeze_global_context and drilldown: leave them unset"
+                )
         if self.region is not None and (self.drilling or self.target_ssim is not None):
             raise ValueError("region computes the windows inside it: not with drill-down")
         if self.engine not in ("auto", "incremental", "captum"):
@@ -75,6 +81,7 @@ class OcclusionOptions:
         kernels: Kernels = "auto",
         cuda_graphs: bool | None = None,
         tau: float = 1.0,
+        freeze_global_context: bool = False,
         drilldown: float | None = None,
         drilldown_factor: int = 4,
         target_ssim: float | None = None,
@@ -97,7 +104,12 @@ class OcclusionOptions:
                 windows_per_batch=windows_per_batch,
                 self_check=self_check,
             ),
-            approximation=Approximation(tau, drilldown, drilldown_factor),
+            approximation=Approximation(
+                tau=tau,
+                freeze_global_context=freeze_global_context,
+                drilldown=drilldown,
+                drilldown_factor=drilldown_factor,
+            ),
             target_ssim=target_ssim,
             region=region,
             devices=None
@@ -113,9 +125,9 @@ class OcclusionOptions:
         return self.approximation.drilldown is not None or self.target_ssim is not None
 
     @property
-    def first_tau(self) -> float:
-        """tau of the first pass: drill-down's coarse pass is exact."""
-        return 1.0 if self.drilling else self.approximation.tau
+    def first_pass(self) -> PlanApproximation:
+        """The plan approximations of the first pass: drill-down's coarse pass is exact."""
+        return EXACT if self.drilling else self.approximation.plan
 
     def window_ids(self, grid: WindowGrid) -> np.ndarray | None:
         """Ids of the windows of `grid` that run: those lying inside `region`

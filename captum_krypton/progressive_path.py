@@ -19,7 +19,7 @@ from captum_krypton.reports import WindowBar
 
 class ProgressivePath:
     """The run of `call` from its prepared first pass (`prepared`, made with
-    `options.first_tau`); iterate `steps()` to drive it. With `shared`, the
+    `options.first_pass`); iterate `steps()` to drive it. With `shared`, the
     windows of every stage are computed on its devices, and `prepared` is its
     first device's (the result still lands on the input's device)."""
 
@@ -39,7 +39,9 @@ class ProgressivePath:
         self._shared = shared
         self._bar = WindowBar(name, call.show_progress)
         self._run = ProgressiveRun(
-            lambda tau: settings.choose_kernels(prepared.with_tau(tau)),
+            lambda approximation: settings.choose_kernels(
+                prepared.with_approximation(approximation)
+            ),
             target,
             settings.batch_size,
             options.approximation,

@@ -20,6 +20,7 @@ from captum_krypton.engine.settings import EngineSettings
 from captum_krypton.parallel import devices as device_threads
 from captum_krypton.parallel import workers
 from captum_krypton.parallel.workers import ShardJob
+from captum_krypton.plan import EXACT, PlanApproximation
 from tests import models
 from tests.conftest import assert_close_to_captum
 
@@ -307,7 +308,8 @@ def test_a_worker_prepares_a_call_once_and_computes_each_stage_with_its_tau(monk
     ids = np.arange(100, 140)
     rows = {}
     for tau in (1.0, 0.3):
-        job = ShardJob(7, call, settings, first_tau=1.0, tau=tau, window_ids=ids, run=1)
+        stage = PlanApproximation(tau=tau)
+        job = ShardJob(7, call, settings, approximation=stage, window_ids=ids, run=1)
         workers._run_job(sender, receiver, model, preparer, job, calls)
         kinds = []
         while messages.poll():
@@ -316,7 +318,7 @@ def test_a_worker_prepares_a_call_once_and_computes_each_stage_with_its_tau(monk
         assert kinds == ["batch"] * 5 + ["done"]
         rows[tau], computed = workers._from_bytes(payload, "cpu")
         assert computed == len(ids)
-    assert prepared == [1.0]  # once, at the call's first tau
+    assert prepared == [EXACT]  # once, for the call's first pass
     first = preparer.prepare(model, call, settings)  # the trace is kept: no new capture
     for tau, got in rows.items():
         expected, _ = device_threads.compute_shard(first.with_tau(tau), ids, call.target, 8)

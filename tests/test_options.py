@@ -19,7 +19,7 @@ def test_defaults_are_attributes_defaults_and_frozen():
     options = OcclusionOptions.from_keywords()
     assert options == OcclusionOptions()
     assert options.approximation.exact and options.settings.self_check
-    assert options.devices is None and options.first_tau == 1.0
+    assert options.devices is None and options.first_pass.exact
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.engine = "captum"  # type: ignore[misc]
 
@@ -59,9 +59,9 @@ def test_devices_take_the_approximations_and_region(keywords):
 
 
 def test_drilldown_and_target_ssim_start_with_an_exact_pass():
-    assert OcclusionOptions.from_keywords(tau=0.5).first_tau == 0.5
-    assert OcclusionOptions.from_keywords(tau=0.5, drilldown=0.3).first_tau == 1.0
-    assert OcclusionOptions.from_keywords(target_ssim=0.9).first_tau == 1.0
+    assert OcclusionOptions.from_keywords(tau=0.5).first_pass.tau == 0.5
+    assert OcclusionOptions.from_keywords(tau=0.5, drilldown=0.3).first_pass.exact
+    assert OcclusionOptions.from_keywords(target_ssim=0.9).first_pass.exact
 
 
 def test_region_selects_the_windows_inside_it():

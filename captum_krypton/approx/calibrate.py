@@ -1,4 +1,5 @@
-"""Target SSIM: choose tau and the drill-down fraction from a quick calibration.
+"""Target SSIM: choose tau, frozen global context and the drill-down fraction
+from a quick calibration.
 
 The coarse pass of drill-down (exact windows on a lattice) doubles as the
 reference. Two errors are estimated on it, as 1 - SSIM of heatmaps:
@@ -6,10 +7,14 @@ reference. Two errors are estimated on it, as 1 - SSIM of heatmaps:
   stand in for the coarse pass, the rest of the lattice for the fine grid; each
   fraction r refines the top r of them and the heatmap is compared with the one
   from the whole lattice. Its spacing is twice the real one, so this errs high.
+- frozen global context: where the model has global statistics to freeze
+  (squeeze-excitation) and the frozen plan is estimated at least MIN_TAU_GAIN
+  cheaper, the sub-lattice's windows run with it once; kept as the base of the
+  search over tau when its error leaves room, else dropped.
 - tau: the thresholds in TAU_PROBES run, largest first, on the sub-lattice's
-  windows until one misses, and their heatmaps are compared with the exact
-  windows' heatmap; skipped where the plans estimate that even the smallest
-  tau saves little.
+  windows (with the base's frozen context) until one misses, and their heatmaps
+  are compared with the exact windows' heatmap; skipped where the plans
+  estimate that even the smallest tau saves little.
 The errors are taken to add up; of the measured pairs whose summed error stays
 within SAFETY x (1 - target), the cheapest by the plans' estimated time per
 window wins.
@@ -26,6 +31,7 @@ import torch
 from captum_krypton.approx import drilldown as dd
 from captum_krypton.approx.quality import attribution_ssim
 from captum_krypton.approx.settings import Approximation
+from captum_krypton.plan import EXACT, PlanApproximation
 
 #: The thresholds calibration tries, largest first. On a GPU a probe costs about
 #: a whole small batch, and tau saves less there than its FLOPs suggest, so the
@@ -45,12 +51,18 @@ MIN_TAU_GAIN = 1.25
 
 @dataclass
 class Calibration:
-    """What the calibration measured and chose."""
+    """What the calibration measured and chose.
+
+    tau_errors: 1 - SSIM per tau tried, with the base's frozen context.
+    frozen_context_error: 1 - SSIM with frozen global context alone (None: not
+        offered, or not estimated to pay).
+    """
 
     approximation: Approximation
     tau_errors: dict[float, float] = field(default_factory=dict)
     fraction_errors: dict[float, float] = field(default_factory=dict)
     windows_run: int = 0
+    frozen_context_error: float | None = None
 
 
 def calibrate(
@@ -59,17 +71,19 @@ def calibrate(
     lattice: tuple[np.ndarray, ...],
     lattice_diffs: torch.Tensor,
     heatmap: Callable[[torch.Tensor], torch.Tensor],
-    run_with_tau: Callable[[float, np.ndarray], torch.Tensor],
-    seconds_per_window: Callable[[float], float],
+    run_with: Callable[[PlanApproximation, np.ndarray], torch.Tensor],
+    seconds_per_window: Callable[[PlanApproximation], float],
     factor: int,
+    offers_frozen_context: bool = False,
 ) -> Calibration:
     """Settings meeting `target_ssim` at the least estimated cost.
 
     counts: the window grid; lattice: per dim, the coarse pass's indices, whose
     exact differences are `lattice_diffs` ((lattice windows, outputs), C order);
-    heatmap: every window's difference -> Captum-shaped map; run_with_tau: (tau,
-    window ids) -> their differences with that tau; seconds_per_window: a plan's
-    estimated cost per window at that tau.
+    heatmap: every window's difference -> Captum-shaped map; run_with: (plan
+    approximations, window ids) -> their differences with those; seconds_per_window:
+    a plan's estimated cost per window with those approximations;
+    offers_frozen_context: whether the model has global statistics to freeze.
     """
     allowed = SAFETY * (1.0 - target_ssim)
     num_windows = int(np.prod(counts))
@@ -92,36 +106,61 @@ def calibrate(
     tau_points = coarse if drilldown_pays else lattice
     tau_ids = dd.window_ids(counts, tau_points)
     tau_reference = heatmap(dd.interpolate(counts, tau_points, exact_at(tau_points)))
-    tau_errors = calibration.tau_errors
-    tau_errors[1.0] = 0.0
+    errors: dict[PlanApproximation, float] = {EXACT: 0.0}
 
-    def tau_error(tau: float) -> float:
-        if tau not in tau_errors:
-            diffs = run_with_tau(tau, tau_ids)
+    def plan_error(approximation: PlanApproximation) -> float:
+        if approximation not in errors:
+            diffs = run_with(approximation, tau_ids)
             calibration.windows_run += len(tau_ids)
             ours = heatmap(dd.interpolate(counts, tau_points, diffs))
-            tau_errors[tau] = 1.0 - float(attribution_ssim(ours, tau_reference).min())
-        return tau_errors[tau]
+            errors[approximation] = 1.0 - float(attribution_ssim(ours, tau_reference).min())
+        return errors[approximation]
 
-    # Half the allowed error for drill-down, the rest for the search over tau.
+    # Half the allowed error for drill-down, the rest for frozen context and tau.
     half = _cheapest_fraction(fraction_errors, allowed / 2)
-    if seconds_per_window(1.0) >= MIN_TAU_GAIN * seconds_per_window(TAU_PROBES[-1]):
-        _smallest_tau(tau_error, allowed - fraction_errors[half])
+    room = allowed - fraction_errors[half]
+    base = EXACT
+    frozen = PlanApproximation(freeze_global_context=True)
+    if offers_frozen_context and seconds_per_window(EXACT) >= MIN_TAU_GAIN * seconds_per_window(
+        frozen
+    ):
+        calibration.frozen_context_error = plan_error(frozen)
+        if calibration.frozen_context_error <= room:
+            base = frozen
+    smallest = PlanApproximation(TAU_PROBES[-1], base.freeze_global_context)
+    if seconds_per_window(base) >= MIN_TAU_GAIN * seconds_per_window(smallest):
+        _smallest_tau(
+            lambda tau: plan_error(PlanApproximation(tau, base.freeze_global_context)), room
+        )
+    calibration.tau_errors = {
+        a.tau: e for a, e in errors.items() if a.freeze_global_context == base.freeze_global_context
+    }
+    calibration.tau_errors.setdefault(1.0, 0.0)
 
     # The cheapest measured pair within the allowed error (the lattice has run
-    # already, whatever is chosen).
-    best = (num_windows * seconds_per_window(1.0), -1.0, -1.0)
-    for tau, tau_err in tau_errors.items():
+    # already, whatever is chosen); ties: the larger tau, then no freezing, then
+    # the larger fraction.
+    best = (num_windows * seconds_per_window(EXACT), -1.0, False, -1.0)
+    for approximation, plan_err in errors.items():
         for fraction, fraction_err in fraction_errors.items():
-            if tau_err + fraction_err <= allowed:
-                cost = seconds_per_window(tau) * fraction * num_windows
-                best = min(best, (cost, -tau, -fraction))  # ties: the larger settings
-    tau, fraction = -best[1], -best[2]
+            if plan_err + fraction_err <= allowed:
+                cost = seconds_per_window(approximation) * fraction * num_windows
+                candidate = (
+                    cost,
+                    -approximation.tau,
+                    approximation.freeze_global_context,
+                    -fraction,
+                )
+                best = min(best, candidate)
+    _, tau, freeze, fraction = best
+    chosen = PlanApproximation(-tau, freeze)
+    fraction = -fraction
     calibration.approximation = Approximation(
-        tau=tau,
+        tau=chosen.tau,
+        freeze_global_context=chosen.freeze_global_context,
         drilldown=None if fraction == 1.0 else fraction,
         drilldown_factor=factor,
-        estimated_ssim=1.0 - tau_errors[tau] - fraction_errors[fraction],
+        estimated_ssim=1.0 - errors[chosen] - fraction_errors[fraction],
     )
     return calibration
 

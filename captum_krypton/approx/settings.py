@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from captum_krypton.plan import PlanApproximation
+
 
 @dataclass(frozen=True)
 class Approximation:
@@ -12,6 +14,10 @@ class Approximation:
 
     tau: projective-field threshold in (0, 1]: every changed box is capped at tau x
         its feature map's side at each layer (1: no cap).
+    freeze_global_context: global statistics that return onto a spatial map
+        (squeeze-excitation's pooled vector, a global-average-pool branch) keep
+        the clean run's values, so a changed box stays a box through them; the
+        network's final pooling into the output is never frozen.
     drilldown: fraction in (0, 1] of the windows computed at the requested stride,
         those where a coarse pass found the largest attributions; None: all windows.
     drilldown_factor: the coarse pass computes every `drilldown_factor`-th window
@@ -21,12 +27,17 @@ class Approximation:
     """
 
     tau: float = 1.0
+    freeze_global_context: bool = False
     drilldown: float | None = None
     drilldown_factor: int = 4
     estimated_ssim: float | None = None
 
     def __post_init__(self) -> None:
         check_fraction("tau", self.tau)
+        if not isinstance(self.freeze_global_context, bool):
+            raise ValueError(
+                f"freeze_global_context must be True or False, not {self.freeze_global_context!r}"
+            )
         if self.drilldown is not None:
             check_fraction("drilldown", self.drilldown)
         if not isinstance(self.drilldown_factor, int) or self.drilldown_factor < 2:
@@ -37,7 +48,12 @@ class Approximation:
     @property
     def exact(self) -> bool:
         """Whether results equal exact occlusion (up to float rounding)."""
-        return self.tau == 1.0 and (self.drilldown is None or self.drilldown == 1.0)
+        return self.plan.exact and (self.drilldown is None or self.drilldown == 1.0)
+
+    @property
+    def plan(self) -> PlanApproximation:
+        """The approximations that change the plan of the windows computed."""
+        return PlanApproximation(self.tau, self.freeze_global_context)
 
 
 def check_fraction(name: str, value: object) -> None:

@@ -315,6 +315,8 @@ class BatchRun:
             value = self.values[node]
         elif node.meta["batch_aligned"]:
             value = self._batched_clean(node)
+        elif node in self.plan.frozen.nodes:  # frozen global context: each row's clean value
+            value = self._example_rows(self.clean_value(node))
         else:
             value = self.clean_value(node)
         if plan.mode != "full":
@@ -348,6 +350,14 @@ class BatchRun:
             clean, self.example, torch.zeros_like(starts), tuple(clean.shape[2:]), 0.0, box,
             starts, out=value,
         )  # fmt: skip
+        return value
+
+    def _example_rows(self, value: Any) -> Any:
+        """A clean value with one row per example, repeated for every row of the batch."""
+        if isinstance(value, torch.Tensor) and value.dim():
+            return value[self.example]
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._example_rows(v) for v in value)
         return value
 
     def _batched_clean(self, node: fx.Node) -> Any:

@@ -22,7 +22,14 @@ from captum_krypton.engine.executor import BatchRun, Views
 from captum_krypton.engine.path_choice import choose_path, needs_measurement
 from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.kernels import use_triton
-from captum_krypton.plan import PLANNING_ROWS, RegionPlan, build_plan, check_ops
+from captum_krypton.plan import (
+    EXACT,
+    PLANNING_ROWS,
+    PlanApproximation,
+    RegionPlan,
+    build_plan,
+    check_ops,
+)
 
 #: Default memory for one window batch on the CPU; on CUDA, half the free memory.
 DEFAULT_CPU_MEMORY = 1 << 30
@@ -139,7 +146,7 @@ class PreparedOcclusion:
         window: Sequence[int],
         strides: Sequence[int],
         full_threshold: float | None = None,
-        tau: float = 1.0,
+        approximation: PlanApproximation = EXACT,
         forward: Callable[..., Any] | None = None,
         additional_args: tuple = (),
     ) -> PreparedOcclusion:
@@ -163,7 +170,7 @@ class PreparedOcclusion:
                 "the output does not have one row per example (aggregated output)"
             )
         grid = WindowGrid(tuple(inputs.shape[1:]), tuple(window), tuple(strides))
-        plan = _cached_plan(captured, env, inputs, grid, full_threshold, tau)
+        plan = _cached_plan(captured, env, inputs, grid, full_threshold, approximation)
         return cls(
             captured,
             inputs,
@@ -185,15 +192,21 @@ class PreparedOcclusion:
         self.use_cuda_graphs = bool(cuda_graphs and self.use_triton and device.type == "cuda")
         return self
 
-    def with_tau(self, tau: float) -> PreparedOcclusion:
-        """The same input and windows under another projective-field threshold: the
-        clean run's values are shared, only the plan differs."""
-        if tau == self.plan.tau:
+    def with_approximation(self, approximation: PlanApproximation) -> PreparedOcclusion:
+        """The same input and windows under other plan approximations: the clean
+        run's values are shared, only the plan differs."""
+        if approximation == self.plan.approximation:
             return self
         env = self.views.env
-        plan = _cached_plan(self.captured, env, self.inputs, self.grid, self.full_threshold, tau)
+        plan = _cached_plan(
+            self.captured, env, self.inputs, self.grid, self.full_threshold, approximation
+        )
         views = Views(env, plan.device_arrays, shared_copies=self.views)
         return dataclasses.replace(self, plan=plan, views=views)
+
+    def with_tau(self, tau: float) -> PreparedOcclusion:
+        """`with_approximation` with another projective-field threshold only."""
+        return self.with_approximation(dataclasses.replace(self.plan.approximation, tau=tau))
 
     def windows_per_batch(self, memory_budget: int | None) -> int:
         """Windows per batch within the memory budget; on CUDA, a power of two, and
@@ -354,7 +367,7 @@ def _cached_plan(
     inputs: torch.Tensor,
     grid: WindowGrid,
     full_threshold: float | None,
-    tau: float,
+    approximation: PlanApproximation,
 ) -> RegionPlan:
     """The plan for these settings, from the model's cache while everything it
     depends on is unchanged, else built and cached."""
@@ -368,13 +381,13 @@ def _cached_plan(
         grid.strides,
         full_threshold,
         rows,
-        tau,
+        approximation,
         torch.backends.cudnn.allow_tf32,
         captured.state_key(),
     )
     plan = captured.plans.get(key)
     if plan is None or not plan.fits(env):
-        plan = build_plan(captured, env, grid.input_geometry(), full_threshold, rows, tau)
+        plan = build_plan(captured, env, grid.input_geometry(), full_threshold, rows, approximation)
         plan.release_values()
         while len(captured.plans) >= MAX_CACHED_PLANS:
             captured.plans.pop(next(iter(captured.plans)))

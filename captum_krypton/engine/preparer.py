@@ -21,6 +21,7 @@ from captum_krypton.engine.call import CaptumArguments
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.self_check import prepare_checks
 from captum_krypton.engine.settings import EngineSettings
+from captum_krypton.plan import EXACT, PlanApproximation
 
 
 class Preparer:
@@ -35,7 +36,7 @@ class Preparer:
         forward_func: Callable[..., Any],
         call: CaptumArguments,
         settings: EngineSettings,
-        tau: float = 1.0,
+        approximation: PlanApproximation = EXACT,
     ) -> PreparedOcclusion:
         """The engine's state for `call` of `forward_func`, after the checks that
         come before any window (engine/self_check.py): the trace and batch layout
@@ -61,7 +62,7 @@ class Preparer:
             windows[0],
             strides[0],
             settings.full_threshold,
-            tau,
+            approximation,
             forward=forward_func,
             additional_args=extra,
         )

@@ -1,5 +1,6 @@
 """One attribution run that can report heatmaps while it computes, be cancelled,
-and follow the approximations (tau, drill-down, target SSIM).
+and follow the approximations (tau, frozen global context, drill-down, target
+SSIM).
 
 The run yields an `OcclusionProgress` after every window batch when asked to
 (after every stage where its windows are computed elsewhere, on several
@@ -27,17 +28,24 @@ from captum_krypton.approx.calibrate import Calibration, calibrate
 from captum_krypton.approx.settings import Approximation
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.self_check import SelfCheckReport, WindowCheck
+from captum_krypton.plan import EXACT, PlanApproximation
 
 Stage = Literal["exact", "approximate", "coarse", "refine"]
 
-#: compute(tau, ids, table, on_batch, should_stop): windows `ids` computed
-#: elsewhere (shared over several devices) with projective-field threshold `tau`,
-#: each into its row of `table` (windows x outputs); `on_batch` (when given)
-#: hears each finished batch's window count, from any thread, and the work stops
-#: between batches once `should_stop()`. Returns the ids computed: all of them
-#: unless stopped.
+#: compute(approximation, ids, table, on_batch, should_stop): windows `ids`
+#: computed elsewhere (shared over several devices) with the plan approximations
+#: `approximation` (tau, frozen global context), each into its row of `table`
+#: (windows x outputs); `on_batch` (when given) hears each finished batch's
+#: window count, from any thread, and the work stops between batches once
+#: `should_stop()`. Returns the ids computed: all of them unless stopped.
 ComputeWindows = Callable[
-    [float, np.ndarray, torch.Tensor, Callable[[int], None] | None, Callable[[], bool]],
+    [
+        PlanApproximation,
+        np.ndarray,
+        torch.Tensor,
+        Callable[[int], None] | None,
+        Callable[[], bool],
+    ],
     np.ndarray,
 ]
 
@@ -79,6 +87,9 @@ class OcclusionReport:
     seconds: float
     cancelled: bool = False
     calibration: Calibration | None = None
+    #: The global statistics that kept the clean run's values (frozen global
+    #: context), by node name; empty where nothing was frozen.
+    frozen_context: tuple[str, ...] = ()
     #: The call's self-check (None where it did not run: turned off, Captum's path,
     #: or no window computed).
     self_check: SelfCheckReport | None = None
@@ -87,14 +98,15 @@ class OcclusionReport:
 class ProgressiveRun:
     """Computes one attribution, stage by stage; iterate `steps()` to drive it.
 
-    `prepare(tau)` gives the call prepared with that threshold; its windows run
+    `prepare(approximation)` gives the call prepared with those plan
+    approximations (a PlanApproximation: tau, frozen context); its windows run
     here, or with `compute` wherever that puts them (every stage's: the coarse
     pass, calibration's samples, the refinement, the self-check's exact windows),
     while the stages, the table and the heatmaps stay here."""
 
     def __init__(
         self,
-        prepare: Callable[[float], PreparedOcclusion],
+        prepare: Callable[[PlanApproximation], PreparedOcclusion],
         target: TargetType,
         batch_size: Callable[[PreparedOcclusion], int],
         approximation: Approximation,
@@ -121,7 +133,7 @@ class ProgressiveRun:
         self._window_ids = window_ids  # only these windows (None: every one)
         # verify(candidate window ids) -> the started self-check
         self._verify = verify
-        # Every stage's windows, where they are not computed here by `prepare(tau)`.
+        # Every stage's windows, where they are not computed here by `prepare`.
         self._compute_elsewhere = compute
         self.report: OcclusionReport | None = None
         self.result: torch.Tensor | None = None
@@ -129,7 +141,7 @@ class ProgressiveRun:
     def steps(self) -> Iterator[OcclusionProgress]:
         self._start = time.perf_counter()
         drilling = self.approximation.drilldown is not None or self._target_ssim is not None
-        first = self._prepare(1.0 if drilling else self.approximation.tau)
+        first = self._prepare(EXACT if drilling else self.approximation.plan)
         self._first = first
         self._grid = grid = first.grid
         self._initial = first.initial_outputs(self._target)
@@ -140,7 +152,9 @@ class ProgressiveRun:
             device=self._initial.device,
         )
         self._computed = np.zeros(grid.num_windows, dtype=bool)
-        self._exact = np.zeros(grid.num_windows, dtype=bool)  # computed with tau = 1
+        self._exact = np.zeros(grid.num_windows, dtype=bool)  # computed by exact plans
+        # Frozen statistics of the plans that ran, in graph order (a dict as a set).
+        self._frozen: dict[str, None] = {}
         self._lattice: tuple[np.ndarray, ...] | None = None
         self._lattice_ids = np.zeros(0, dtype=np.int64)
         self._lattice_diffs: torch.Tensor | None = None
@@ -151,16 +165,16 @@ class ProgressiveRun:
             self._lattice = dd.coarse_lattice(grid.counts, self.approximation.drilldown_factor)
             self._lattice_ids = dd.window_ids(grid.counts, self._lattice)
         check = None
-        if self._verify is not None and first.plan.tau == 1.0:  # exact first pass
+        if self._verify is not None and first.plan.exact:  # exact first pass
             check = self._verify(self._lattice_ids if drilling else ids)
         calibration = None
         cancelled = False
         try:
             if not drilling:
-                yield from self._compute(first.plan.tau, ids, self._stage, True)
+                yield from self._compute(first.plan.approximation, ids, self._stage, True)
             else:
                 self._set_planned(len(self._lattice_ids))
-                yield from self._compute(1.0, self._lattice_ids, "coarse", False)
+                yield from self._compute(EXACT, self._lattice_ids, "coarse", False)
                 if self._target_ssim is not None:
                     calibration = self._calibrate(first)
                     self.approximation = calibration.approximation
@@ -169,7 +183,7 @@ class ProgressiveRun:
                     scores, self.approximation.drilldown or 1.0, self._computed
                 )
                 self._set_planned(int(self._computed.sum()) + len(order))
-                yield from self._compute(self.approximation.tau, order, "refine", True)
+                yield from self._compute(self.approximation.plan, order, "refine", True)
         except _Cancelled:
             cancelled = True
         self_check = self._self_check(check)
@@ -184,6 +198,7 @@ class ProgressiveRun:
             elapsed,
             cancelled,
             calibration,
+            tuple(self._frozen),
             self_check,
         )
         yield OcclusionProgress(
@@ -204,18 +219,21 @@ class ProgressiveRun:
             self._on_planned(planned)
 
     def _compute(
-        self, tau: float, ids: np.ndarray, stage: Stage, last: bool
+        self, approximation: PlanApproximation, ids: np.ndarray, stage: Stage, last: bool
     ) -> Iterator[OcclusionProgress]:
         """Windows `ids` into the table; a report after each batch when asked, except
         after the run's last batch (the final report follows)."""
         self._stage = stage
         self._check_cancel()
         position = 0
-        batches = self._batches(tau, ids, self._diffs, self._on_batch)
+        plan = self._prepare(approximation).plan
+        if len(ids):
+            self._frozen.update(dict.fromkeys(plan.frozen_statistics))
+        batches = self._batches(approximation, ids, self._diffs, self._on_batch)
         try:
             for done in batches:
                 self._computed[done] = True
-                if tau == 1.0:
+                if plan.exact:
                     self._exact[done] = True
                 position += len(done)
                 if last and position == len(ids):
@@ -229,19 +247,19 @@ class ProgressiveRun:
 
     def _batches(
         self,
-        tau: float,
+        approximation: PlanApproximation,
         ids: np.ndarray,
         table: torch.Tensor,
         on_batch: Callable[[int], None] | None = None,
     ) -> Iterator[np.ndarray]:
-        """Windows `ids` with threshold `tau` into their rows of `table`; yields the
+        """Windows `ids` with `approximation` into their rows of `table`; yields the
         ids of each finished part: a batch here, or, computed elsewhere, all that
         were computed (fewer once the run is cancelled). Closing it between parts
         leaves the finished rows in place."""
         if self._compute_elsewhere is not None:
-            yield self._compute_elsewhere(tau, ids, table, on_batch, self._cancelled)
+            yield self._compute_elsewhere(approximation, ids, table, on_batch, self._cancelled)
             return
-        prepared = self._prepare(tau)
+        prepared = self._prepare(approximation)
         batches = prepared.fill_diffs(
             ids, self._target, self._batch_size(prepared), self._initial, table
         )
@@ -257,7 +275,7 @@ class ProgressiveRun:
 
     def _self_check(self, check: WindowCheck | None) -> SelfCheckReport | None:
         """Finish the self-check started before the run on its exact windows; where
-        the run computed none exactly (tau < 1 throughout), the checked windows
+        the run computed none exactly (approximate plans throughout), the checked windows
         are computed exactly now."""
         if self._verify is None:
             return None
@@ -271,7 +289,7 @@ class ProgressiveRun:
 
         def exact_diffs(ids: np.ndarray) -> torch.Tensor:
             table = torch.empty_like(self._diffs)
-            for _ in self._batches(1.0, ids, table):
+            for _ in self._batches(EXACT, ids, table):
                 pass
             return table[torch.from_numpy(ids).to(table.device)]
 
@@ -322,18 +340,20 @@ class ProgressiveRun:
     def _calibrate(self, exact: PreparedOcclusion) -> Calibration:
         assert self._lattice is not None
 
-        def run_with_tau(tau: float, ids: np.ndarray) -> torch.Tensor:
+        def run_with(approximation: PlanApproximation, ids: np.ndarray) -> torch.Tensor:
             scratch = torch.empty_like(self._diffs)
-            for _ in self._batches(tau, ids, scratch):
+            for _ in self._batches(approximation, ids, scratch):
                 self._check_cancel()
             return scratch[torch.from_numpy(ids).to(scratch.device)].to(torch.float64).cpu()
 
-        costs: dict[float, float] = {}
+        costs: dict[PlanApproximation, float] = {}
 
-        def seconds_per_window(tau: float) -> float:
-            if tau not in costs:
-                costs[tau] = self._prepare(tau).plan.cost_per_row
-            return costs[tau]
+        def seconds_per_window(approximation: PlanApproximation) -> float:
+            if approximation not in costs:
+                costs[approximation] = self._prepare(approximation).plan.cost_per_row
+            return costs[approximation]
+
+        frozen = PlanApproximation(freeze_global_context=True)
 
         def heatmap(diffs: torch.Tensor) -> torch.Tensor:
             return exact.cell_heatmap(diffs, self._dtype)
@@ -344,9 +364,10 @@ class ProgressiveRun:
             self._lattice,
             self._coarse_diffs(),
             heatmap,
-            run_with_tau,
+            run_with,
             seconds_per_window,
             self.approximation.drilldown_factor,
+            offers_frozen_context=bool(self._prepare(frozen).plan.frozen.statistics),
         )
 
 

@@ -166,6 +166,12 @@ class OpRule:
         """Input positions read per row to compute the box (for the cost model)."""
         return geometry.volume
 
+    def global_statistic(self, info: NodeInfo) -> bool:
+        """Whether the node reduces every spatial dim (2, 3, ...) of its first
+        argument to one value per example and channel: a global statistic, which
+        frozen global context may take from the clean run (plan/context.py)."""
+        return False
+
     def run_box(self, run: BoxRun, info: NodeInfo, spec: Any) -> torch.Tensor:
         raise NotImplementedError
 

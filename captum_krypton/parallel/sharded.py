@@ -33,6 +33,7 @@ from captum_krypton.parallel.devices import (
     to_device,
 )
 from captum_krypton.parallel.workers import DeviceWorker, ShardJob, WorkerPool, WorkerUnavailable
+from captum_krypton.plan import EXACT, PlanApproximation
 
 
 def uses_workers(devices: Sequence[torch.device]) -> bool:
@@ -52,13 +53,13 @@ class ShardedCall:
     #: Every device of the call, this process's first.
     devices: tuple[torch.device, ...]
     #: One per device computed in this process: the first, or all without workers;
-    #: prepared at `first_tau`, as a one-device call prepares its first pass.
+    #: prepared with `first_pass`, as a one-device call prepares its first pass.
     prepared: list[PreparedOcclusion]
     workers: list[DeviceWorker]
     pool: WorkerPool
     #: Numbers the call for the workers, which prepare it once for all its stages.
     number: int = 0
-    first_tau: float = 1.0
+    first_pass: PlanApproximation = EXACT
 
     @property
     def first(self) -> PreparedOcclusion:
@@ -67,23 +68,27 @@ class ShardedCall:
 
     def compute(
         self,
-        tau: float,
+        approximation: PlanApproximation,
         ids: np.ndarray,
         table: torch.Tensor,
         on_batch: Callable[[int], None] | None,
         should_stop: Callable[[], bool],
     ) -> np.ndarray:
-        """Windows `ids` with threshold `tau`, in one contiguous shard per device,
+        """Windows `ids` with the plan approximations `approximation` (tau, frozen
+        global context), in one contiguous shard per device,
         into their rows of `table`; returns the ids computed (all, unless
         `should_stop()` stopped the shards). `on_batch` gets each batch's window
-        count, from several threads. Where the windows are exact (tau = 1), each
+        count, from several threads. Where the windows are exact (an exact plan), each
         shard checks itself against the forward function on its own device."""
         shards = np.array_split(np.asarray(ids, dtype=np.int64), len(self.devices))
-        prepared = [self.settings.choose_kernels(ready.with_tau(tau)) for ready in self.prepared]
-        checked = tau == 1.0
+        prepared = [
+            self.settings.choose_kernels(ready.with_approximation(approximation))
+            for ready in self.prepared
+        ]
+        checked = prepared[0].plan.exact
         if self.workers:
             results = self._compute_with_workers(
-                prepared[0], tau, shards, on_batch, should_stop, checked
+                prepared[0], approximation, shards, on_batch, should_stop, checked
             )
         else:
             targets = [to_device(self.arguments.target, d) for d in self.devices]
@@ -106,7 +111,7 @@ class ShardedCall:
     def _compute_with_workers(
         self,
         ready: PreparedOcclusion,
-        tau: float,
+        approximation: PlanApproximation,
         shards: list[np.ndarray],
         on_batch: Callable[[int], None] | None,
         should_stop: Callable[[], bool],
@@ -131,8 +136,8 @@ class ShardedCall:
             self.number,
             arguments_on(self.arguments, torch.device("cpu")),
             self.settings,
-            first_tau=self.first_tau,
-            tau=tau,
+            first_pass=self.first_pass,
+            approximation=approximation,
         )
         local_result, remote_results = self.pool.run(
             [self.workers[i] for i in busy],
@@ -165,10 +170,10 @@ class ShardedOcclusion:
         settings: EngineSettings,
         devices: tuple[torch.device, ...],
         warn: Callable[[str], None],
-        first_tau: float = 1.0,
+        first_pass: PlanApproximation = EXACT,
     ) -> ShardedCall:
-        """`arguments` prepared on `devices`, with threshold `first_tau` (the first
-        pass's); `warn` hears why workers are not used where they would be.
+        """`arguments` prepared on `devices`, with the first pass's plan
+        approximations `first_pass`; `warn` hears why workers are not used where they would be.
         Raises Captum's assertions for bad windows, and UnsupportedForIncremental
         or SelfCheckFailed where the engine does not apply."""
         module = resolve_module(forward_func)
@@ -181,11 +186,11 @@ class ShardedOcclusion:
         for device in local_devices:
             replica = self._replicas.on(module, device)
             preparer = self._preparers.setdefault(replica, Preparer())
-            ready = preparer.prepare(replica, arguments_on(arguments, device), settings, first_tau)
+            ready = preparer.prepare(replica, arguments_on(arguments, device), settings, first_pass)
             prepared.append(settings.choose_kernels(ready))
         self._calls += 1
         return ShardedCall(
-            arguments, settings, devices, prepared, workers, self.pool, self._calls, first_tau
+            arguments, settings, devices, prepared, workers, self.pool, self._calls, first_pass
         )
 
     def _workers(

@@ -41,6 +41,7 @@ from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.preparer import Preparer
 from captum_krypton.engine.settings import EngineSettings
 from captum_krypton.parallel.devices import compute_shard
+from captum_krypton.plan import EXACT, PlanApproximation
 
 #: The worker's program (not `-m` of this module, which the package imports).
 _WORKER_MAIN = "import sys; from captum_krypton.parallel.workers import serve; serve(sys.argv[1])"
@@ -55,14 +56,15 @@ class WorkerUnavailable(RuntimeError):
 class ShardJob:
     """What a worker needs for its shard of one stage of a call (tensors on the CPU)."""
 
-    #: The call it belongs to: the worker prepares it once, at `first_tau` as the
+    #: The call it belongs to: the worker prepares it once, with `first_pass` as the
     #: caller's first device did, and keeps that for the call's other stages.
     call: int
     arguments: CaptumArguments
     settings: EngineSettings
-    first_tau: float = 1.0
-    #: The stage's projective-field threshold and the worker's shard of its windows.
-    tau: float = 1.0
+    first_pass: PlanApproximation = EXACT
+    #: The stage's plan approximations (tau, frozen global context) and the
+    #: worker's shard of its windows.
+    approximation: PlanApproximation = EXACT
     window_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     #: The stage's number, which a stop message names (set by `WorkerPool.run`).
     run: int = 0
@@ -318,9 +320,9 @@ def _run_job(
     first = calls.get(job.call)
     if first is None:
         calls.clear()  # an earlier call's
-        first = preparer.prepare(model, job.arguments, settings, job.first_tau)
+        first = preparer.prepare(model, job.arguments, settings, job.first_pass)
         calls[job.call] = first
-    ready = settings.choose_kernels(first.with_tau(job.tau))
+    ready = settings.choose_kernels(first.with_approximation(job.approximation))
     stop = False
 
     def on_batch(count: int) -> None:
@@ -338,7 +340,7 @@ def _run_job(
         settings.batch_size(ready),
         on_batch,
         lambda: stop,
-        ready.batch_behaviour if job.tau == 1.0 else None,
+        ready.batch_behaviour if ready.plan.exact else None,
     )
     sender.send(("done", _to_bytes(result)))
 

@@ -18,6 +18,8 @@ from captum_krypton.ops import (
     describe_target,
     rule_for,
 )
+from captum_krypton.plan.approximation import EXACT, PlanApproximation
+from captum_krypton.plan.context import GlobalContext, find_global_context
 from captum_krypton.plan.cost import DeviceCosts, cheapest_full_set, device_costs
 
 #: A plan saving less than this factor (of estimated time; of FLOPs when a
@@ -63,8 +65,12 @@ class RegionPlan:
     estimated_seconds: float | None = None
     estimated_full_seconds: float | None = None
     costs: DeviceCosts | None = None
-    #: Projective-field threshold: box sides capped at tau x map side (1: exact).
-    tau: float = 1.0
+    #: The approximations this plan was made with (exact by default).
+    approximation: PlanApproximation = EXACT
+    #: The global statistics that could be frozen (found with or without the
+    #: approximation), and the nodes frozen: they keep the clean run's values.
+    global_context: GlobalContext = field(default_factory=GlobalContext)
+    frozen: GlobalContext = field(default_factory=GlobalContext)
     #: Per-window offsets on the device, made once per plan (executor.Views).
     device_arrays: dict = field(default_factory=dict)
     #: Outcome of the once-per-plan batch checks (engine/self_check.py): layout
@@ -109,6 +115,21 @@ class RegionPlan:
         for node, node_plan in self.nodes.items():
             if node in activations:
                 node_plan.info.value = lighten(node_plan.info.value)
+
+    @property
+    def tau(self) -> float:
+        """Projective-field threshold: box sides capped at tau x map side (1: exact)."""
+        return self.approximation.tau
+
+    @property
+    def exact(self) -> bool:
+        """Whether this plan computes exact occlusion: no cap, nothing frozen."""
+        return self.tau == 1.0 and not self.frozen.statistics
+
+    @property
+    def frozen_statistics(self) -> tuple[str, ...]:
+        """Names of the global statistics taken from the clean run."""
+        return tuple(node.name for node in self.frozen.statistics)
 
     @property
     def flops_full(self) -> float:
@@ -208,6 +229,22 @@ class RegionPlan:
             lines.append(
                 f"approximate: box sides capped at tau = {self.tau:g} of their map "
                 "(changes beyond the cap are dropped)"
+            )
+        if self.frozen.statistics:
+            lines.append(
+                f"approximate: frozen global context, {len(self.frozen.statistics)} global "
+                f"statistics (and the {len(self.frozen.nodes) - len(self.frozen.statistics)} "
+                "nodes after them) keep the clean run's values: "
+                + ", ".join(self.frozen_statistics)
+            )
+        elif self.approximation.freeze_global_context:
+            lines.append(
+                "frozen global context asked for, nothing frozen: "
+                + (
+                    "windows run as plain re-inference"
+                    if self.global_context.statistics
+                    else "no global statistic returns onto a spatial map"
+                )
             )
         choice = self.path_choice
         if choice is not None and choice.seconds_per_window:
@@ -355,6 +392,7 @@ def _plan_node(
     input_geometry: Geometry,
     threshold: float,
     tau: float,
+    frozen: frozenset[fx.Node] = frozenset(),
 ) -> NodePlan:
     """One node's rule, spec, mode and box, from its inputs' plans."""
     info = NodeInfo(
@@ -372,10 +410,14 @@ def _plan_node(
         mode = "full"
     elif node not in captured.depends_on_input:
         mode = "none"
+    elif node in frozen:
+        mode, reason = "none", "frozen global context: the clean run's value"
     elif node is captured.input_node:
         mode, geometry = "box", input_geometry
     else:
-        inputs = [a for a in node.all_input_nodes if a in captured.depends_on_input]
+        inputs = [
+            a for a in node.all_input_nodes if a in captured.depends_on_input and a not in frozen
+        ]
         in_geoms = {a: nodes[a].geometry for a in inputs if nodes[a].mode == "box"}
         if len(in_geoms) < len(inputs):
             reason = "an input is full"
@@ -444,21 +486,28 @@ def build_plan(
     input_geometry: Geometry,
     full_threshold: float | None = None,
     rows: int = PLANNING_ROWS,
-    tau: float = 1.0,
+    approximation: PlanApproximation = EXACT,
 ) -> RegionPlan:
     """Plan every node from the clean run's values and the windows' input boxes.
 
     By default a cost model (plan/cost.py) picks, over the whole graph, the nodes
     run `full`; `full_threshold` replaces it with a coverage rule (a box covering
     that share of its map or more is computed whole). `rows` is the batch size
-    the cost model assumes. `tau` < 1 caps every box side at tau x its map side
-    (an approximation: changes beyond the cap are dropped).
+    the cost model assumes. `approximation.tau` < 1 caps every box side at tau x
+    its map side (changes beyond the cap are dropped); with
+    `approximation.freeze_global_context` the global statistics that return onto
+    spatial maps keep the clean run's values (plan/context.py). Both approximate.
     """
     _annotate(captured, env)
     nodes: dict[fx.Node, NodePlan] = {}
     threshold = float("inf") if full_threshold is None else full_threshold
+    tau = approximation.tau
+    context = find_global_context(captured, env)
+    frozen = context if approximation.freeze_global_context else GlobalContext()
     for node in captured.nodes:
-        nodes[node] = _plan_node(captured, node, env, nodes, input_geometry, threshold, tau)
+        nodes[node] = _plan_node(
+            captured, node, env, nodes, input_geometry, threshold, tau, frozen.nodes
+        )
     order = [node for node in captured.nodes if nodes[node].mode != "none"]
     costs = estimated = estimated_full = None
     if full_threshold is None:
@@ -472,7 +521,16 @@ def build_plan(
         node_plan.row_bytes = _row_bytes(node_plan.info.value, node_plan.geometry)
     _fuse_into_producers(nodes)
     num_examples = env[captured.input_node].shape[0]
-    plan = RegionPlan(captured, nodes, order, num_examples, _last_uses(order), tau=tau)
+    plan = RegionPlan(
+        captured,
+        nodes,
+        order,
+        num_examples,
+        _last_uses(order),
+        approximation=approximation,
+        global_context=context,
+        frozen=frozen,
+    )
     plan.costs, plan.estimated_seconds, plan.estimated_full_seconds = (
         costs,
         estimated,
@@ -490,4 +548,6 @@ def build_plan(
         )
     else:
         plan.rerun_whole_model = saves_too_little
+    if plan.rerun_whole_model:  # plain re-inference is exact: nothing is frozen
+        plan.frozen = GlobalContext()
     return plan
