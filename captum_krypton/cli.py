@@ -186,10 +186,22 @@ def attribute(args: argparse.Namespace) -> int:
             local_ranks = LocalRanks(rank_command(args.argv), processes)
             local_ranks.start()  # before the imports below: the others start meanwhile
 
+    import math
+
     import torch
 
     from captum_krypton import IncrementalOcclusion
     from captum_krypton.parallel.distributed import run
+
+    if not math.isfinite(args.baseline):
+        raise SystemExit("captum-krypton attribute: --baseline must be a finite number")
+    if args.target not in ("label", "top") and not (
+        args.target.isdigit() and int(args.target) >= 0
+    ):
+        raise SystemExit(
+            f"captum-krypton attribute: --target must be 'label', 'top' or a class index "
+            f"(0, 1, ...), not {args.target!r}"
+        )
 
     if args.no_tf32:
         torch.backends.cudnn.allow_tf32 = False

@@ -295,8 +295,68 @@ def test_items_of_several_sizes_go_largest_first_as_npy_files(tmp_path, monkeypa
     assert sorted(npy_outputs(tmp_path / "npy")) == [f"img{i}" for i in range(len(sizes))]
     for i, size in enumerate(sizes):
         assert npy_outputs(tmp_path / "npy")[f"img{i}"].shape == (size, size)
-    with pytest.raises(ValueError, match="several sizes need --format npy"):
+    with pytest.raises(ValueError, match="several shapes.*pass --format npy"):
         distributed.run("sized_models:load", str(data), str(tmp_path / "zarr"), **options)
+    assert len(recorded) == 1  # refused before it was set up to compute any item
+
+
+def test_an_unrelated_folder_is_not_taken_for_maps(tmp_path, monkeypatch):
+    """A non-empty --out without a manifest is refused: its files would count as
+    finished items (--out pointed at the data, say)."""
+    from captum_krypton.parallel import distributed
+
+    (tmp_path / "sized_models.py").write_text(MODEL_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        np.save(data / f"img{i}.npy", np.zeros((3, 10, 10), dtype=np.float32))
+    options = dict(window=4, stride=4, target="0", log=lambda line: None)
+    for output_format in ("npy", "zarr"):
+        with pytest.raises(ValueError, match="not empty and holds no manifest.json"):
+            distributed.run(
+                "sized_models:load",
+                str(data),
+                str(data),
+                output_format=output_format,
+                make_occlusion=_RecordingOcclusion,
+                **options,
+            )
+    assert sorted(p.name for p in data.iterdir()) == ["img0.npy", "img1.npy"]
+
+
+def test_a_run_that_failed_before_any_item_does_not_lock_the_folder(tmp_path, monkeypatch):
+    """A typo in the model, then the corrected command into the same --out."""
+    from captum_krypton.parallel import distributed
+
+    (tmp_path / "sized_models.py").write_text(MODEL_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = str(tmp_path / "maps")
+    options = dict(window=4, stride=3, target="label", log=lambda line: None)
+    with pytest.raises(AttributeError):
+        distributed.run("sized_models:laod", "sized_models:data", out,
+                        make_occlusion=_RecordingOcclusion, **options)  # fmt: skip
+    bad_target = dict(options, target="7")  # fails in its first item: 2 classes
+    with pytest.raises((RuntimeError, IndexError, AssertionError)):
+        distributed.run("sized_models:load", "sized_models:data", out,
+                        make_occlusion=_RecordingOcclusion, **bad_target)  # fmt: skip
+    written = distributed.run(
+        "sized_models:load", "sized_models:data", out, make_occlusion=_RecordingOcclusion,
+        **options,
+    )  # fmt: skip
+    assert written == 2
+    assert json.loads((tmp_path / "maps" / "manifest.json").read_text())["settings"]["target"] == (
+        "label"
+    )
+    assert len(outputs(tmp_path / "maps")) == 2
+
+
+def test_bad_baselines_and_targets_are_refused_before_any_work(tmp_path):
+    for flag, value in (("--baseline", "nan"), ("--target", "-1"), ("--target", "cat")):
+        command = [sys.executable, *COMMAND, "--out", str(tmp_path / "maps"), flag, value]
+        run = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0 and flag in run.stderr, run.stderr
+        assert not (tmp_path / "maps").exists()
 
 
 def local_run(out: Path, *extra: str, **popen) -> subprocess.Popen:

@@ -143,19 +143,23 @@ def _window_count(size: int, window: int, stride: int) -> int:
     return max(size - window, 0) // stride + 1
 
 
+def item_shapes(images: Any) -> list[tuple[int, ...]] | None:
+    """Every item's shape where it is known without loading the items (a tensor,
+    a folder of .npy files, a list of tensors); else None."""
+    if isinstance(images, torch.Tensor):
+        return [tuple(images.shape[1:])] * len(images)
+    if isinstance(images, NpyFolder):
+        return [images.shape(i) for i in range(len(images))]
+    if isinstance(images, (list, tuple)) and all(hasattr(x, "shape") for x in images):
+        return [tuple(x.shape) for x in images]
+    return None
+
+
 def estimated_costs(images: Any, window: int, stride: int) -> list[int] | None:
     """Windows times pixels per item, where shapes are known without loading the
-    items (a folder of .npy files, a list of tensors); None when all items share
-    one shape or it would take loading them."""
-    if isinstance(images, torch.Tensor):
-        return None
-    if isinstance(images, NpyFolder):
-        shapes = [images.shape(i) for i in range(len(images))]
-    elif isinstance(images, (list, tuple)) and all(hasattr(x, "shape") for x in images):
-        shapes = [tuple(x.shape) for x in images]
-    else:
-        return None
-    if len(set(shapes)) <= 1:
+    items; None when all items share one shape or it would take loading them."""
+    shapes = item_shapes(images)
+    if shapes is None or len(set(shapes)) <= 1:
         return None
     costs = []
     for shape in shapes:
@@ -260,22 +264,39 @@ def _start(
     rank = start_rank()
     out_dir.mkdir(parents=True, exist_ok=True)
     images, labels = load_data(data_spec)
+    if len(images) == 0:
+        raise ValueError(f"{data_spec} holds no items")
     if target == "label" and labels is None:
         raise ValueError("the data has no labels: pass --target top or a class index")
     names = item_names(images)
+    first_shape = tuple(images[0].shape)
+    if window < 1 or stride < 1 or any(window > n for n in first_shape[1:]):
+        raise ValueError(
+            f"window {window} and stride {stride} must be at least 1, and the window no "
+            f"larger than the items (the first is {first_shape})"
+        )
     store = make_store(output_format, out_dir, names)
+    # The model first: a model that fails to load leaves --out as it was.
+    model = load_object(model_spec).to(rank.device).eval()
 
     def plan_the_run() -> list[int]:
+        shapes = item_shapes(images)
+        if output_format == "zarr" and shapes is not None and len(set(shapes)) > 1:
+            raise ValueError(
+                f"the items have several shapes ({sorted(set(shapes))[:3]}...): a Zarr "
+                "array holds maps of one shape; pass --format npy"
+            )
         settings = {
             "model": model_spec,
-            "data": data_spec,
+            "data": str(Path(data_spec).resolve()) if Path(data_spec).is_dir() else data_spec,
             "window": window,
             "stride": stride,
             "target": target,
             "baseline": baseline,
             "format": output_format,
-            "sliding_window_shapes": "(C, window, window): every channel",
-            "strides": "(C, stride, stride)",
+            "tf32": bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32),
+            "sliding_window_shapes": "(C,) + (window,) * spatial dims: every channel",
+            "strides": "(C,) + (stride,) * spatial dims",
         }
         manifest = {
             "settings": settings,
@@ -284,8 +305,8 @@ def _start(
             "of the occluded input, averaged over the windows covering each position",
             "versions": versions(),
         }
-        check_or_write_manifest(out_dir, manifest)
-        store.create(tuple(images[0].shape[1:]))
+        afresh = check_or_write_manifest(out_dir, manifest, store.any_done)
+        store.create(tuple(first_shape[1:]), afresh)
         store.open()
         todo = [i for i in range(len(names)) if not store.done(i)]
         costs = estimated_costs(images, window, stride)
@@ -296,7 +317,6 @@ def _start(
     todo = _shared_from_first_rank(rank, plan_the_run)
     store.open()
     store.remove_partial(rank.index)
-    model = load_object(model_spec).to(rank.device).eval()
     return _Job(rank, images, labels, names, store, todo, model, make_occlusion(model))
 
 

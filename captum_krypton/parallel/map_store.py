@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,24 +48,41 @@ def versions() -> dict[str, str]:
     return found
 
 
-def check_or_write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+def check_or_write_manifest(
+    out: Path, manifest: dict[str, Any], any_written: Callable[[], bool]
+) -> bool:
     """Write `manifest` into `out`, or check that the one there has the same
-    settings (ValueError if not). Called by one process only."""
+    settings and items. Returns whether the store must be laid out afresh.
+
+    Raises ValueError for a folder that holds other files but no manifest (it is
+    not a data-set run's output: its files would be taken for maps), and for a
+    manifest of other settings or items once any map was written under it (a
+    run that failed before writing one is simply replaced). Called by one
+    process only."""
     path = out / MANIFEST_NAME
     if path.exists():
         existing = json.loads(path.read_text())
-        if existing.get("settings") != manifest["settings"]:
-            raise ValueError(
-                f"{out} holds maps computed with other settings ({existing.get('settings')}); "
-                "use another --out, or the same settings to resume"
-            )
-        if existing.get("items") != manifest["items"]:
+        same = existing.get("settings") == manifest["settings"]
+        if same and existing.get("items") == manifest["items"]:
+            return False
+        if any_written():
+            if not same:
+                raise ValueError(
+                    f"{out} holds maps computed with other settings "
+                    f"({existing.get('settings')}); use another --out, or the same "
+                    "settings to resume"
+                )
             raise ValueError(f"{out} holds maps of other items; use another --out")
-        return
+    elif any(out.iterdir()):
+        raise ValueError(
+            f"{out} is not empty and holds no {MANIFEST_NAME} of a data-set run: "
+            "use a new or empty folder for --out"
+        )
     manifest = dict(manifest, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(json.dumps(manifest, indent=1))
     os.replace(temporary, path)
+    return True
 
 
 class NpyFiles:
@@ -77,7 +95,7 @@ class NpyFiles:
         self.out = out
         self.names = names
 
-    def create(self, first_shape: tuple[int, ...]) -> None:
+    def create(self, first_shape: tuple[int, ...], afresh: bool) -> None:
         """Nothing to lay out ahead: each item is its own file."""
 
     def open(self) -> None:
@@ -88,6 +106,9 @@ class NpyFiles:
 
     def done(self, index: int) -> bool:
         return self.path(index).exists()
+
+    def any_done(self) -> bool:
+        return any(self.path(i).exists() for i in range(len(self.names)))
 
     def write(self, index: int, attribution: np.ndarray, target: int, rank: int) -> None:
         path = self.path(index)
@@ -128,13 +149,14 @@ class ZarrArrays:
             ) from exc
         return zarr
 
-    def create(self, first_shape: tuple[int, ...]) -> None:
-        """Lay out the arrays for items of spatial shape `first_shape` (kept if
-        already there with that shape). Called by one process only."""
+    def create(self, first_shape: tuple[int, ...], afresh: bool) -> None:
+        """Lay out the arrays for items of spatial shape `first_shape`: kept if
+        already there, unless `afresh` (a new manifest: nothing written under
+        the old one). Called by one process only."""
         zarr = self._zarr()
         group = zarr.open_group(str(self.out), mode="a")
         shape = (len(self.names), *first_shape)
-        if "attributions" in group:
+        if "attributions" in group and not afresh:
             existing = tuple(group["attributions"].shape)
             if existing != shape:
                 raise ValueError(f"{self.out} holds maps of shape {existing}, not {shape}")
@@ -145,10 +167,18 @@ class ZarrArrays:
             chunks=(1, *first_shape),
             dtype="float32",
             fill_value=float("nan"),
+            overwrite=True,
+            # an all-NaN map is still a written item: its chunk marks it done
+            config={"write_empty_chunks": True},
         )
         maps.attrs["item_names"] = self.names
         group.create_array(
-            "targets", shape=(len(self.names),), chunks=(1,), dtype="int64", fill_value=-1
+            "targets",
+            shape=(len(self.names),),
+            chunks=(1,),
+            dtype="int64",
+            fill_value=-1,
+            overwrite=True,
         )
 
     def open(self) -> None:
@@ -163,6 +193,10 @@ class ZarrArrays:
     def done(self, index: int) -> bool:
         return self._chunk_file(index).exists()
 
+    def any_done(self) -> bool:
+        chunks = self.out / "attributions" / "c"
+        return chunks.is_dir() and any(chunks.iterdir())
+
     def write(self, index: int, attribution: np.ndarray, target: int, rank: int) -> None:
         if tuple(attribution.shape) != tuple(self.maps.shape[1:]):
             raise ValueError(
@@ -173,7 +207,8 @@ class ZarrArrays:
         self.maps[index] = attribution
 
     def remove_partial(self, rank: int) -> None:
-        """Nothing to do: a chunk is written whole or not at all."""
+        """Nothing to do: a chunk is written whole (under a temporary name first)
+        or not at all."""
 
 
 def make_store(kind: str, out: Path, names: list[str]) -> NpyFiles | ZarrArrays:
