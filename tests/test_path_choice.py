@@ -37,8 +37,10 @@ def _call_and_settings(x):
     from captum_krypton.engine.call import CaptumArguments
     from captum_krypton.engine.settings import EngineSettings
 
+    from captum_krypton.plan.approximation import EXACT
+
     call = CaptumArguments(x, (3, 4, 4), 2, None, 0, None)
-    return call, EngineSettings(self_check=False), 1.0
+    return call, EngineSettings(self_check=False), EXACT
 
 
 def test_a_plain_choice_runs_plain_reinference_and_equals_captum():
