@@ -36,7 +36,6 @@ def test_no_measurement_on_the_cpu():
 def _call_and_settings(x):
     from captum_krypton.engine.call import CaptumArguments
     from captum_krypton.engine.settings import EngineSettings
-
     from captum_krypton.plan.approximation import EXACT
 
     call = CaptumArguments(x, (3, 4, 4), 2, None, 0, None)
