@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import signal
 import sys
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.parallel.launch import LocalRanks
 from captum_krypton.parallel.map_store import (
     NpyFiles,
@@ -139,10 +141,6 @@ def item_names(images: Any) -> list[str]:
     return [f"{i:06d}" for i in range(len(images))]
 
 
-def _window_count(size: int, window: int, stride: int) -> int:
-    return max(size - window, 0) // stride + 1
-
-
 def item_shapes(images: Any) -> list[tuple[int, ...]] | None:
     """Every item's shape where it is known without loading the items (a tensor,
     a folder of .npy files, a list of tensors); else None."""
@@ -155,16 +153,18 @@ def item_shapes(images: Any) -> list[tuple[int, ...]] | None:
     return None
 
 
-def estimated_costs(images: Any, window: int, stride: int) -> list[int] | None:
-    """Windows times pixels per item, where shapes are known without loading the
-    items; None when all items share one shape or it would take loading them."""
-    shapes = item_shapes(images)
+def estimated_costs(
+    shapes: list[tuple[int, ...]] | None, window: int, stride: int
+) -> list[int] | None:
+    """Windows times pixels per item of `shapes` (item_shapes); None when all
+    items share one shape or the shapes are not known."""
     if shapes is None or len(set(shapes)) <= 1:
         return None
     costs = []
     for shape in shapes:
-        windows = int(np.prod([_window_count(n, window, stride) for n in shape[1:]]))
-        costs.append(windows * int(np.prod(shape[1:])))
+        dims = len(shape) - 1
+        grid = WindowGrid(shape, (shape[0],) + (window,) * dims, (shape[0],) + (stride,) * dims)
+        costs.append(grid.num_windows * math.prod(shape[1:]))
     return costs
 
 
@@ -309,7 +309,7 @@ def _start(
         store.create(tuple(first_shape[1:]), afresh)
         store.open()
         todo = [i for i in range(len(names)) if not store.done(i)]
-        costs = estimated_costs(images, window, stride)
+        costs = estimated_costs(shapes, window, stride)
         if costs is not None:  # largest first: the run's last items are short
             todo.sort(key=lambda i: -costs[i])
         return todo

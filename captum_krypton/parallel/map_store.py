@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-#: The manifest's settings that must match for a rerun to add to a store.
+#: The manifest's file, beside the maps.
 MANIFEST_NAME = "manifest.json"
 
 
