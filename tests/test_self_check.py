@@ -336,6 +336,30 @@ def test_passing_check_changes_no_bit_and_is_reported():
     assert not report.loose
 
 
+def test_later_calls_run_no_batch_shape_the_first_call_did_not():
+    """cudnn.benchmark searches algorithms per new batch shape: the check's forward
+    on later calls (clean input + checked windows) must have run in the first."""
+    model = models.small_cnn()
+    seen: list[list[int]] = []
+
+    def record(module, args):
+        if isinstance(args[0].shape[0], int):  # not while the capture traces it
+            seen[-1].append(args[0].shape[0])
+
+    model.register_forward_pre_hook(record)
+    occlusion = IncrementalOcclusion(model)
+    inputs = torch.randn(2, 3, 16, 16)
+    kwargs = dict(sliding_window_shapes=(3, 4, 4), strides=2, target=0)
+    for _ in range(3):
+        seen.append([])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            occlusion.attribute(inputs, **kwargs)
+    first, second, third = (set(sizes) for sizes in seen)
+    assert occlusion.last_run.self_check is not None
+    assert second and second <= first and third == second
+
+
 class Cancelling(nn.Module):
     """Two nearly equal large outputs subtracted: float32 rounding is a few percent
     of the result, and Captum's own results move that much with

@@ -397,8 +397,14 @@ class WindowCheck:
             and np.isin(prepared.checked_windows, candidates).all()
         ):  # run with the clean input already
             ids, outputs = prepared.checked_windows, prepared.checked_outputs
+        elif len(ids):
+            # With the clean input, as later calls run it: the same batch shape, so
+            # cuDNN's algorithm search for it (cudnn.benchmark) happens in the first
+            # call, not again in the second.
+            examples = prepared.inputs.shape[0]
+            outputs = _forward(prepared, ids, WINDOWS_CHECK, clean=True)[examples:]
         else:
-            outputs = _forward(prepared, ids, WINDOWS_CHECK) if len(ids) else None
+            outputs = None
         self.window_ids = ids
         self._occluded = None if outputs is None else _selected(outputs, target, len(ids))
         self._seconds = time.perf_counter() - started
