@@ -5,6 +5,8 @@ keep each other's choices."""
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -79,3 +81,85 @@ def test_the_cache_can_be_moved_or_turned_off(tmp_path, monkeypatch):
     assert torch.__version__.replace("+", "_") in path.name
     monkeypatch.setenv("CAPTUM_KRYPTON_CACHE_DIR", "")
     assert choice.choice_cache_path(torch.device("cpu")) is None
+
+
+class _Compiling:
+    """A candidate whose kernel compiles until `ready` is set."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+        self.future = Future()
+
+    def ready(self):
+        self.future.set_result(None)
+
+    def __call__(self):
+        if not self.future.done():
+            raise choice.CandidatePending(self.future)
+        self.calls.append(self.name)
+        return self.name
+
+
+@pytest.fixture
+def measured(cache_file, monkeypatch):
+    """Measurement without a GPU: each candidate's milliseconds from a table."""
+    milliseconds = {}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(choice, "_partial", {})
+
+    def fake_timing(run, results, name):
+        results[name] = run()
+        return milliseconds[name]
+
+    monkeypatch.setattr(choice, "_milliseconds_per_run", fake_timing)
+    return milliseconds
+
+
+def test_a_compiling_candidate_is_measured_once_ready_and_only_then_chosen(cache_file, measured):
+    key = ("conv", 1024, (32, 28, 28))
+    calls = []
+    gemm = _Compiling("implicit_gemm", calls)
+    candidates = {"cudnn": lambda: calls.append("cudnn") or "cudnn", "implicit_gemm": gemm}
+    measured.update(cudnn=2.0, implicit_gemm=1.0)
+    # While it compiles, cuDNN serves, and nothing is remembered or stored.
+    assert choice.fastest(key, candidates, GPU) == "cudnn"
+    assert choice.fastest(key, candidates, GPU) == "cudnn"
+    assert choice.chosen(key) is None and not cache_file.exists()
+    cudnn_runs = calls.count("cudnn")
+    gemm.ready()
+    assert choice.fastest(key, candidates, GPU) == "implicit_gemm"
+    assert calls.count("cudnn") == cudnn_runs  # measured once, not again
+    assert choice.chosen(key) == "implicit_gemm"
+    assert json.loads(cache_file.read_text()) == {repr(key): "implicit_gemm"}
+
+
+def test_a_slower_compiled_candidate_leaves_the_choice_to_the_others(cache_file, measured):
+    key = ("conv", 256, (64, 14, 14))
+    gemm = _Compiling("implicit_gemm", [])
+    candidates = {"cudnn": lambda: "cudnn", "implicit_gemm": gemm}
+    measured.update(cudnn=1.0, implicit_gemm=3.0)
+    assert choice.fastest(key, candidates, GPU) == "cudnn"
+    gemm.ready()
+    assert choice.fastest(key, candidates, GPU) == "cudnn"
+    assert choice.chosen(key) == "cudnn"
+
+
+def test_a_stored_choice_still_compiling_runs_the_first_candidate_meanwhile(cache_file, measured):
+    key = ("conv", 512, (128, 7, 7))
+    cache_file.write_text(json.dumps({repr(key): "implicit_gemm"}))
+    gemm = _Compiling("implicit_gemm", [])
+    candidates = {"cudnn": lambda: "cudnn", "implicit_gemm": gemm}
+    assert choice.fastest(key, candidates, GPU) == "cudnn"
+    assert choice.chosen(key) is None
+    gemm.ready()
+    assert choice.fastest(key, candidates, GPU) == "implicit_gemm"
+    assert choice.chosen(key) == "implicit_gemm"
+
+
+def test_a_forced_candidate_waits_for_its_compilation(cache_file):
+    calls = []
+    gemm = _Compiling("implicit_gemm", calls)
+    threading.Timer(0.05, gemm.ready).start()
+    with choice.forced("implicit_gemm"):
+        result = choice.fastest(("conv",), {"cudnn": lambda: "cudnn", "implicit_gemm": gemm}, GPU)
+    assert result == "implicit_gemm" and calls == ["implicit_gemm"]

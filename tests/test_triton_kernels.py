@@ -169,3 +169,29 @@ def _conv_ops():
     from captum_krypton.kernels import triton_conv
 
     return triton_conv
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="background compilation is CUDA's")
+def test_conv_region_compiled_in_the_background_equals_the_reference(exact_cuda_math):
+    """The first call with `background` starts the compilation and runs nothing;
+    once it is done, every tile shape gives the reference's numbers."""
+    generator = torch.Generator().manual_seed(11)
+    view = torch.randn((2, 48, 13, 13), generator=generator).to(DEVICE)
+    view = view.movedim(1, -1).contiguous().movedim(-1, 1)  # a width the other cases lack
+    example = torch.tensor([0, 1, 1], device=DEVICE)
+    starts = torch.tensor([[-1, -1], [2, 3], [9, 0]], device=DEVICE)
+    weight = torch.randn((40, 48, 3, 3), generator=generator).to(DEVICE)
+    args = (view, example, starts, (5, 5), weight, None, (1, 1), (1, 1))
+    expected = torch_ops.conv_region(*args)
+    try:
+        actual = _conv_ops().conv_region(*args, background=True)
+    except choice.CandidatePending as pending:
+        pending.wait()
+        actual = _conv_ops().conv_region(*args, background=True)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    for tile in _conv_ops().CUDA_TILES:
+        with choice.forced("x".join(map(str, tile))):
+            torch.testing.assert_close(
+                _conv_ops().conv_region(*args), expected, rtol=1e-5, atol=1e-5
+            )

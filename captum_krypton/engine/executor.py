@@ -231,7 +231,10 @@ class BatchRun:
         self, node: fx.Node, starts: torch.Tensor, out_size: tuple[int, ...], spec: Any
     ) -> torch.Tensor:
         """A conv over node's values read from (box | view | zero) at `starts` (map
-        coordinates of each row's read-in origin), without building the tile."""
+        coordinates of each row's read-in origin), without building the tile.
+
+        Raises kernels.choice.CandidatePending while its kernel compiles in the
+        background: it is one candidate among cuDNN's (kernels.choice.fastest)."""
         boxed = self.boxed(node)
         return triton_conv_module().conv_region(
             self.views.channels_last(node).movedim(-1, 1),
@@ -246,6 +249,7 @@ class BatchRun:
             self.starts(node) if boxed else None,
             spec.activation,
             spec.gemm_weight,
+            background=True,
         )
 
     def fastest(self, key: Any, candidates: dict[str, Callable[[], Any]]) -> Any:

@@ -7,20 +7,28 @@ being captured, the first candidate runs without measurement.
 
 Choices are also kept on disk (`choice_cache_path`), keyed by the GPU's name and
 the torch and Triton versions, so that later processes on the same kind of GPU
-(the ranks of a data-set run, the next session) skip the measurement. Set
+(the ranks of a data-set run, a later script) skip the measurement. Set
 `CAPTUM_KRYPTON_CACHE_DIR` to move the cache, or to an empty string to keep
 choices in memory only. The choice changes speed only: every candidate computes
 the same math.
+
+A candidate whose kernel is still compiling in the background raises
+`CandidatePending`: the others are measured and the fastest of them serves
+until the pending one is ready, and the choice is made (and stored) only once
+every candidate has been measured. So the first call runs on kernels that need
+no compilation while the Triton kernels compile.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import threading
 from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TypeVar
 
@@ -32,10 +40,35 @@ T = TypeVar("T")
 TIMED_RUNS = 3
 _chosen: dict[Hashable, str] = {}
 _timings: dict[Hashable, dict[str, float]] = {}
+#: Milliseconds of the candidates measured so far for keys still waiting on a
+#: pending candidate.
+_partial: dict[Hashable, dict[str, float]] = {}
 _forced: list[str] = []
 #: Choices read from disk, by device: {repr(key): name}.
 _on_disk: dict[str, dict[str, str]] = {}
 _disk_lock = threading.Lock()
+
+
+class CandidatePending(Exception):
+    """Raised by a candidate whose kernel is compiling (in `compiling`, a Future);
+    it ran nothing."""
+
+    def __init__(self, compiling: Future):
+        super().__init__("the kernel is still compiling")
+        self.compiling = compiling
+
+    def wait(self) -> None:
+        """Until the compilation ends; its error, if it failed."""
+        self.compiling.result()
+
+
+def _run_ready(run: Callable[[], T]) -> T:
+    """`run`, waiting for its compilation where it is pending."""
+    try:
+        return run()
+    except CandidatePending as pending:
+        pending.wait()
+        return run()
 
 
 def choice_cache_path(device: torch.device) -> Path | None:
@@ -120,39 +153,67 @@ def fastest(key: Hashable, candidates: dict[str, Callable[[], T]], device: torch
     """Run the implementation measured fastest for `key`; measure first if needed.
 
     A candidate that raises RuntimeError while being measured (e.g. an op the
-    library has no kernel for at this shape) drops out of the choice.
+    library has no kernel for at this shape) drops out of the choice. One that
+    raises CandidatePending is tried again at the next call with this key.
     """
     names = list(candidates)
     if _forced and _forced[-1] in candidates:
-        return candidates[_forced[-1]]()
+        return _run_ready(candidates[_forced[-1]])
     known = _chosen.get(key)
     if known in candidates:
-        return candidates[known]()
+        return _run_ready(candidates[known])
     if len(names) == 1 or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return candidates[names[0]]()
+        return _run_ready(candidates[names[0]])
     known = _disk_choices(device).get(repr(key))
     if known in candidates:
+        try:
+            result = candidates[known]()
+        except CandidatePending:  # stored, not compiled yet in this process
+            return _run_ready(candidates[names[0]])
         _chosen[key] = known
-        return candidates[known]()
-    times: dict[str, float] = {}
+        return result
+    return _measure(key, candidates, device)
+
+
+def _measure(key: Hashable, candidates: dict[str, Callable[[], T]], device: torch.device) -> T:
+    """Time every candidate not timed yet for `key` (warm-up, then TIMED_RUNS runs);
+    the fastest is remembered once none is pending."""
+    names = list(candidates)
+    times = _partial.pop(key, {})
     results: dict[str, T] = {}
+    pending = False
     for name, run in candidates.items():
+        if name in times:
+            continue
         try:
             run()  # warm-up: compilation, algorithm search
+        except CandidatePending:
+            pending = True
+            continue
         except RuntimeError:
             if name == names[0]:
                 raise
+            times[name] = math.inf
             continue
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(TIMED_RUNS):
-            results[name] = run()
-        end.record()
-        end.synchronize()
-        times[name] = start.elapsed_time(end) / TIMED_RUNS
-    _timings[key] = times
-    best = min(times, key=times.__getitem__)
+        times[name] = _milliseconds_per_run(run, results, name)
+    best = min(times, key=times.__getitem__) if times else names[0]
+    if pending:
+        _partial[key] = times
+        return results[best] if best in results else _run_ready(candidates[best])
+    _timings[key] = {name: ms for name, ms in times.items() if math.isfinite(ms)}
     _chosen[key] = best
     _remember_on_disk(device, key, best)
-    return results[best]
+    return results[best] if best in results else candidates[best]()
+
+
+def _milliseconds_per_run(run: Callable[[], T], results: dict[str, T], name: str) -> float:
+    """Milliseconds per run over TIMED_RUNS runs (CUDA events); the last result
+    lands in `results[name]`."""
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(TIMED_RUNS):
+        results[name] = run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / TIMED_RUNS

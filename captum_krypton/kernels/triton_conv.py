@@ -10,13 +10,16 @@ Its torch reference is `torch_ops.conv_region`.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
+from captum_krypton.kernels import choice
 from captum_krypton.kernels.triton_ops import LAUNCH_LOCK, MAX_DIMS, _padded3, _starts3, _strides3
 
 #: Epilogue activations the kernel knows.
@@ -176,28 +179,63 @@ def _conv_region_kernel(
     )
 
 
-#: Tile shapes tried on CUDA (per distinct channel counts and GEMM height).
-_CUDA_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (128, 128, 8, 3),
-        (128, 64, 4, 3),
-        (64, 64, 4, 4),
-    ]
-]
+#: Tile shapes measured on CUDA, per channel counts, kernel size, dtype and epilogue:
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_K 32.
+CUDA_TILES = ((128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4))
+#: Compilations of the tile shapes, by what specializes the kernel; each a Future.
+_compiles: dict[tuple, Future] = {}
+_compiles_lock = threading.Lock()
+_background: ThreadPoolExecutor | None = None
 
 
-def _quick_bench(fn, quantiles=None):
-    """Short timings: a tile shape is chosen per channel counts and kernel size on
-    the first batch that meets them."""
-    return triton.testing.do_bench(fn, warmup=1, rep=5, quantiles=quantiles)
+def _tile_kwargs(tile: tuple[int, int, int, int]) -> dict:
+    block_m, block_n, warps, stages = tile
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_K": 32,
+        "num_warps": warps,
+        "num_stages": stages,
+    }
 
 
-_conv_region_tuned = triton.autotune(
-    _CUDA_CONFIGS,
-    key=["channels_in", "channels_out", "kernel0", "kernel1", "kernel2"],
-    do_bench=_quick_bench,
-)(_conv_region_kernel)
+def _compile_tiles(args: list, flags: dict, device: torch.device) -> None:
+    """Compile the kernel at every tile shape, in parallel where Triton can
+    (AsyncCompileMode: ptxas runs in subprocesses), without launching it."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:  # older Triton: one after the other
+        AsyncCompileMode = None
+    with torch.cuda.device(device), contextlib.ExitStack() as stack:
+        if AsyncCompileMode is not None:
+            pool = stack.enter_context(ThreadPoolExecutor(len(CUDA_TILES)))
+            stack.enter_context(AsyncCompileMode(pool))
+        for tile in CUDA_TILES:
+            _conv_region_kernel.warmup(*args, grid=(1,), **flags, **_tile_kwargs(tile))
+
+
+def _compiled(
+    key: tuple, args: list, flags: dict, device: torch.device, background: bool
+) -> Future:
+    """The compilation of `key`'s kernels: started in a background thread when
+    `background`, else done here."""
+    global _background
+    with _compiles_lock:
+        compiling = _compiles.get(key)
+        if compiling is None and background:
+            if _background is None:
+                _background = ThreadPoolExecutor(1, thread_name_prefix="captum_krypton_compile")
+            compiling = _compiles[key] = _background.submit(_compile_tiles, args, flags, device)
+    if compiling is None:
+        compiling = Future()
+        try:
+            _compile_tiles(args, flags, device)
+            compiling.set_result(None)
+        except Exception as exc:
+            compiling.set_exception(exc)
+        with _compiles_lock:
+            compiling = _compiles.setdefault(key, compiling)
+    return compiling
 
 
 def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -226,12 +264,20 @@ def conv_region(
     box_starts: torch.Tensor | None = None,
     activation: str | None = None,
     gemm_weight_: torch.Tensor | None = None,
+    background: bool = False,
 ) -> torch.Tensor:
     """Conv output box per row, logical (rows, C_out, *out_size), channels-last.
 
     `starts` (rows, ndim) is the map coordinate of each row's read-in origin (output
     start x stride - padding; may be negative). `gemm_weight_` is `gemm_weight(weight)`
     when the caller keeps it; the conv runs in the precision cuDNN would use.
+
+    On CUDA the kernel is compiled at every tile shape of `CUDA_TILES` the first
+    time its channel counts, kernel size, dtype and epilogue are met, and the
+    fastest shape is measured (kernels.choice). With `background`, that
+    compilation runs in a background thread and this raises
+    `choice.CandidatePending` until it is done (the caller runs something else
+    meanwhile). A failed compilation raises RuntimeError.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, not {activation!r}")
@@ -249,44 +295,56 @@ def conv_region(
     w = gemm_weight(weight) if gemm_weight_ is None else gemm_weight_
     has_box = box is not None
     box_arg = box if has_box else view
-    if view.is_cuda:
-        kernel, blocks = _conv_region_tuned, {}
-
-        def grid(meta):
-            return (
-                triton.cdiv(total, meta["BLOCK_M"]),
-                triton.cdiv(channels_out, meta["BLOCK_N"]),
-            )
-    else:  # Triton's interpreter: one small tile shape
-        kernel, blocks = _conv_region_kernel, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
+    args = [
+        out,
+        view,
+        box_arg,
+        w,
+        bias if bias is not None else w,
+        example.contiguous(),
+        _starts3(starts),
+        _starts3(box_starts) if has_box else _starts3(starts),
+        total,
+        positions,
+        channels_in,
+        channels_out,
+        *_padded3(out_size, 1)[1:],
+        *_padded3(weight.shape[2:], 1),
+        *_padded3(stride, 1),
+        *_padded3(dilation, 1),
+        *_padded3(view.shape[2:], 1),
+        *(_padded3(box.shape[2:], 1) if has_box else [1] * MAX_DIMS),
+        *_strides3(view),
+        *_strides3(box_arg),
+        *_strides3(out),
+    ]
+    flags = {
+        "HAS_BOX": has_box,
+        "HAS_BIAS": bias is not None,
+        "RELU": activation == "relu",
+        "PRECISION": _precision(view.dtype),
+    }
+    if not view.is_cuda:  # Triton's interpreter: one small tile shape
         grid = (triton.cdiv(total, 32), triton.cdiv(channels_out, 16))
-    with LAUNCH_LOCK:
-        kernel[grid](
-            out,
-            view,
-            box_arg,
-            w,
-            bias if bias is not None else w,
-            example.contiguous(),
-            _starts3(starts),
-            _starts3(box_starts) if has_box else _starts3(starts),
-            total,
-            positions,
-            channels_in,
-            channels_out,
-            *_padded3(out_size, 1)[1:],
-            *_padded3(weight.shape[2:], 1),
-            *_padded3(stride, 1),
-            *_padded3(dilation, 1),
-            *_padded3(view.shape[2:], 1),
-            *(_padded3(box.shape[2:], 1) if has_box else [1] * MAX_DIMS),
-            *_strides3(view),
-            *_strides3(box_arg),
-            *_strides3(out),
-            HAS_BOX=has_box,
-            HAS_BIAS=bias is not None,
-            RELU=activation == "relu",
-            PRECISION=_precision(view.dtype),
-            **blocks,
-        )
-    return out
+        with LAUNCH_LOCK:
+            _conv_region_kernel[grid](*args, **flags, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
+        return out
+    shape_key = (channels_in, channels_out, *_padded3(weight.shape[2:], 1), view.dtype)
+    key = (*shape_key, *flags.values(), view.device)
+    compiling = _compiled(key, args, flags, view.device, background)
+    if not compiling.done():
+        raise choice.CandidatePending(compiling)
+    if compiling.exception() is not None:
+        raise RuntimeError(f"the conv kernel did not compile: {compiling.exception()}")
+
+    def launch(tile: tuple[int, int, int, int]):
+        def run() -> torch.Tensor:
+            grid = (triton.cdiv(total, tile[0]), triton.cdiv(channels_out, tile[1]))
+            with LAUNCH_LOCK:
+                _conv_region_kernel[grid](*args, **flags, **_tile_kwargs(tile))
+            return out
+
+        return run
+
+    tiles = {"x".join(map(str, tile)): launch(tile) for tile in CUDA_TILES}
+    return choice.fastest(("conv_region tile", *shape_key, *flags.values()), tiles, view.device)
