@@ -10,6 +10,7 @@ against (tests/test_triton_kernels.py), and the CPU path runs them.
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 import torch
@@ -63,3 +64,14 @@ def triton_conv_module():
 def conv_supports_implicit_gemm(weight: torch.Tensor, groups: int) -> bool:
     """Whether the implicit-GEMM Triton conv takes this conv (dense, fp32/fp16/bf16)."""
     return groups == 1 and weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def wait_for_compilation() -> None:
+    """Block until the Triton kernels compiling in the background are ready.
+
+    On CUDA the first calls run on cuDNN while the implicit-GEMM conv compiles in
+    a background thread; the engine measures and switches to it at a later call
+    once it is ready. Benchmarks that time steady-state calls wait here first."""
+    module = sys.modules.get("captum_krypton.kernels.triton_conv")
+    if module is not None:
+        module.wait_for_compilation()

@@ -186,6 +186,8 @@ CUDA_TILES = ((128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4))
 _compiles: dict[tuple, Future] = {}
 _compiles_lock = threading.Lock()
 _background: ThreadPoolExecutor | None = None
+#: Kernels compiled at once in the background (each at its tile shapes in parallel).
+BACKGROUND_COMPILES = 4
 
 
 def _tile_kwargs(tile: tuple[int, int, int, int]) -> dict:
@@ -224,7 +226,9 @@ def _compiled(
         compiling = _compiles.get(key)
         if compiling is None and background:
             if _background is None:
-                _background = ThreadPoolExecutor(1, thread_name_prefix="captum_krypton_compile")
+                _background = ThreadPoolExecutor(
+                    BACKGROUND_COMPILES, thread_name_prefix="captum_krypton_compile"
+                )
             compiling = _compiles[key] = _background.submit(_compile_tiles, args, flags, device)
     if compiling is None:
         compiling = Future()
@@ -236,6 +240,14 @@ def _compiled(
         with _compiles_lock:
             compiling = _compiles.setdefault(key, compiling)
     return compiling
+
+
+def wait_for_compilation() -> None:
+    """Until every background compilation started so far has ended."""
+    with _compiles_lock:
+        compiling = list(_compiles.values())
+    for future in compiling:
+        future.exception()  # waits; errors surface where the kernel is used
 
 
 def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
