@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from captum_krypton import IncrementalOcclusion
-from captum_krypton.kernels import choice, torch_ops, triton_importable
+from captum_krypton.kernels import choice, torch_ops, triton_importable, wait_for_compilation
 from tests import models
 from tests.conftest import check_model
 
@@ -186,8 +186,8 @@ def test_conv_region_compiled_in_the_background_equals_the_reference(exact_cuda_
     expected = torch_ops.conv_region(*args)
     try:
         actual = _conv_ops().conv_region(*args, background=True)
-    except choice.CandidatePending as pending:
-        pending.wait()
+    except choice.CandidatePending:
+        wait_for_compilation()
         actual = _conv_ops().conv_region(*args, background=True)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     for tile in _conv_ops().CUDA_TILES:

@@ -14,8 +14,8 @@ the same math.
 
 A candidate whose kernel is still compiling in the background raises
 `CandidatePending`: the others are measured and the fastest of them serves
-until the pending one is ready, and the choice is made (and stored) only once
-every candidate has been measured. So the first call runs on kernels that need
+until the pending one is ready; then all are measured again and the choice is
+made (and stored). So the first call runs on kernels that need
 no compilation while the Triton kernels compile.
 """
 
@@ -40,8 +40,7 @@ T = TypeVar("T")
 TIMED_RUNS = 3
 _chosen: dict[Hashable, str] = {}
 _timings: dict[Hashable, dict[str, float]] = {}
-#: Milliseconds of the candidates measured so far for keys still waiting on a
-#: pending candidate.
+#: Milliseconds of the candidates measured while another was pending, by key.
 _partial: dict[Hashable, dict[str, float]] = {}
 _forced: list[str] = []
 #: Choices read from disk, by device: {repr(key): name}.
@@ -176,15 +175,28 @@ def fastest(key: Hashable, candidates: dict[str, Callable[[], T]], device: torch
 
 
 def _measure(key: Hashable, candidates: dict[str, Callable[[], T]], device: torch.device) -> T:
-    """Time every candidate not timed yet for `key` (warm-up, then TIMED_RUNS runs);
-    the fastest is remembered once none is pending."""
+    """Time every candidate (warm-up, then TIMED_RUNS runs) and remember the
+    fastest; while one is pending, the fastest of the others serves, and all are
+    timed again once none is (timings taken while kernels compile on the side
+    are not comparable)."""
     names = list(candidates)
-    times = _partial.pop(key, {})
+    earlier = _partial.get(key)
+    if earlier is not None:
+        for name in names:
+            if name in earlier:
+                continue
+            try:
+                candidates[name]()
+            except CandidatePending:
+                best = min(earlier, key=earlier.__getitem__) if earlier else names[0]
+                return _run_ready(candidates[best])
+            except RuntimeError:
+                continue
+        del _partial[key]
+    times: dict[str, float] = {}
     results: dict[str, T] = {}
     pending = False
     for name, run in candidates.items():
-        if name in times:
-            continue
         try:
             run()  # warm-up: compilation, algorithm search
         except CandidatePending:
@@ -203,7 +215,7 @@ def _measure(key: Hashable, candidates: dict[str, Callable[[], T]], device: torc
     _timings[key] = {name: ms for name, ms in times.items() if math.isfinite(ms)}
     _chosen[key] = best
     _remember_on_disk(device, key, best)
-    return results[best] if best in results else candidates[best]()
+    return results[best]
 
 
 def _milliseconds_per_run(run: Callable[[], T], results: dict[str, T], name: str) -> float:
