@@ -183,15 +183,15 @@ def test_conv_region_compiled_in_the_background_equals_the_reference(exact_cuda_
     starts = torch.tensor([[-1, -1], [2, 3], [9, 0]], device=DEVICE)
     weight = torch.randn((40, 48, 3, 3), generator=generator).to(DEVICE)
     args = (view, example, starts, (5, 5), weight, None, (1, 1), (1, 1))
-    expected = torch_ops.conv_region(*args)
+    expected = torch_ops.conv_region(*args)  # outputs ~20 (432-term sums): atol 1e-3
     try:
         actual = _conv_ops().conv_region(*args, background=True)
     except choice.CandidatePending:
         wait_for_compilation()
         actual = _conv_ops().conv_region(*args, background=True)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-3)
     for tile in _conv_ops().CUDA_TILES:
         with choice.forced("x".join(map(str, tile))):
             torch.testing.assert_close(
-                _conv_ops().conv_region(*args), expected, rtol=1e-5, atol=1e-5
+                _conv_ops().conv_region(*args), expected, rtol=1e-4, atol=1e-3
             )
