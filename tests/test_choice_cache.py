@@ -164,3 +164,45 @@ def test_a_forced_candidate_waits_for_its_compilation(cache_file):
     with choice.forced("implicit_gemm"):
         result = choice.fastest(("conv",), {"cudnn": lambda: "cudnn", "implicit_gemm": gemm}, GPU)
     assert result == "implicit_gemm" and calls == ["implicit_gemm"]
+
+
+def test_background_compilations_are_tracked_until_they_end(monkeypatch):
+    """The conv kernel's background compilation, with its compiler replaced: jobs
+    that end at once (a warm Triton cache) and jobs that wait are both tracked
+    in flight until they end, and wait_for_compilation waits for them."""
+    pytest.importorskip("triton")
+    from captum_krypton.kernels import triton_conv, wait_for_compilation
+
+    gate = threading.Event()
+    compiled = []
+
+    def fake_compile(args, flags, device):
+        if flags.get("wait"):
+            gate.wait(10)
+        compiled.append(args[0])
+
+    monkeypatch.setattr(triton_conv, "_compile_tiles", fake_compile)
+    monkeypatch.setattr(triton_conv, "_compiles", {})
+    monkeypatch.setattr(triton_conv, "_in_flight", [])
+    device = torch.device("cpu")
+
+    def start_all():
+        for i in range(40):
+            triton_conv._compiled(("instant", i), [i], {}, device, True)
+        triton_conv._compiled(("slow",), ["slow"], {"wait": True}, device, True)
+
+    starter = threading.Thread(target=start_all, daemon=True)
+    starter.start()
+    starter.join(10)
+    assert not starter.is_alive()  # no deadlock on jobs that end before their callback
+    assert triton_conv._in_flight  # the slow one
+    again = triton_conv._compiled(("slow",), ["slow"], {"wait": True}, device, True)
+    assert again is triton_conv._compiles[("slow",)]  # started once
+    gate.set()
+    wait_for_compilation()
+    assert sorted(map(str, compiled)) == sorted(map(str, [*range(40), "slow"]))
+    for _ in range(100):  # done-callbacks run just after the result is set
+        if not triton_conv._in_flight:
+            break
+        threading.Event().wait(0.01)
+    assert triton_conv._in_flight == []

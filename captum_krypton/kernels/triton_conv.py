@@ -233,7 +233,11 @@ def _compiled(
                 )
             compiling = _compiles[key] = _background.submit(_compile_tiles, args, flags, device)
             _in_flight.append(compiling)
-            compiling.add_done_callback(_finished)
+            started = compiling
+        else:
+            started = None
+    if started is not None:  # outside the lock: a finished job calls back at once
+        started.add_done_callback(_finished)
     if compiling is None:
         compiling = Future()
         try:
@@ -248,7 +252,8 @@ def _compiled(
 
 def _finished(compiling: Future) -> None:
     with _compiles_lock:
-        _in_flight.remove(compiling)
+        if compiling in _in_flight:
+            _in_flight.remove(compiling)
 
 
 def wait_for_compilation() -> None:
