@@ -179,15 +179,11 @@ def _selected(output: torch.Tensor, target: TargetType, copies: int) -> torch.Te
     return _select_targets(output, _expand_target(target, copies)).reshape(copies, -1)
 
 
-def _forward(
-    prepared: PreparedOcclusion, window_ids: np.ndarray, check: str, clean: bool = False
-) -> torch.Tensor:
-    """The user's forward on the given windows in one batch (after the clean
-    input, with `clean`), as Captum would run them; its failure fails `check`."""
+def _forward(prepared: PreparedOcclusion, window_ids: np.ndarray, check: str) -> torch.Tensor:
+    """The user's forward on the given windows in one batch, as Captum would run
+    them; its failure fails `check`."""
     examples = prepared.inputs.shape[0]
     inputs = occluded_inputs(prepared, window_ids)
-    if clean:
-        inputs = torch.cat([prepared.inputs, inputs])
     copies = inputs.shape[0] // examples
     extra = expand_additional_args(prepared.additional_args, examples, copies)
     try:
@@ -229,20 +225,20 @@ def run_clean_forward(
     window_ids: np.ndarray,
     behaviour: BatchBehaviour | None = None,
 ) -> None:
-    """The user's forward on the clean input - with the given windows in the same
-    batch, once the plan's batch checks have passed (`behaviour`) - kept on
-    `prepared` for the checks; then the trace check against the traced clean run."""
-    examples = prepared.inputs.shape[0]
-    spread = 0.0
+    """The user's forward on the clean input, kept on `prepared` for the checks,
+    then the trace check against the traced clean run; and, once the plan's
+    batch checks have passed (`behaviour`), the given windows in one batch.
+
+    The clean input and the windows run as two forwards, the batch shapes of the
+    first call (where the checks come one by one): a new batch shape would cost
+    a cuDNN algorithm search (cudnn.benchmark) in the second call, and a model
+    with a batch limit would meet a larger batch than the first call gave it."""
     if len(window_ids) and behaviour is not None:
-        output = _forward(prepared, window_ids, WINDOWS_CHECK, clean=True)
-        prepared.checked_windows, prepared.checked_outputs = window_ids, output[examples:]
-        eager = output[:examples]
-        spread = behaviour.rounding_spread
-    else:
-        with torch.no_grad():
-            eager = prepared.forward(prepared.inputs, *prepared.additional_args)
-    check_trace_matches(prepared.output, eager, spread)
+        output = _forward(prepared, window_ids, WINDOWS_CHECK)
+        prepared.checked_windows, prepared.checked_outputs = window_ids, output
+    with torch.no_grad():
+        eager = prepared.forward(prepared.inputs, *prepared.additional_args)
+    check_trace_matches(prepared.output, eager)
     prepared.eager_output = eager
 
 
@@ -395,16 +391,10 @@ class WindowCheck:
         if (
             prepared.checked_windows is not None
             and np.isin(prepared.checked_windows, candidates).all()
-        ):  # run with the clean input already
+        ):  # run already, after the clean input
             ids, outputs = prepared.checked_windows, prepared.checked_outputs
-        elif len(ids):
-            # With the clean input, as later calls run it: the same batch shape, so
-            # cuDNN's algorithm search for it (cudnn.benchmark) happens in the first
-            # call, not again in the second.
-            examples = prepared.inputs.shape[0]
-            outputs = _forward(prepared, ids, WINDOWS_CHECK, clean=True)[examples:]
         else:
-            outputs = None
+            outputs = _forward(prepared, ids, WINDOWS_CHECK) if len(ids) else None
         self.window_ids = ids
         self._occluded = None if outputs is None else _selected(outputs, target, len(ids))
         self._seconds = time.perf_counter() - started
@@ -458,7 +448,7 @@ def prepare_checks(prepared: PreparedOcclusion, self_check: bool) -> None:
     """The checks that come before any window: the forward on the clean input and
     the trace check (every call); check 1 (once per plan) and, with
     `self_check`, check 2 (once per plan; afterwards the default checked windows
-    join the clean input's forward). Outcomes are kept with the plan, a failure
+    run here too, right after the clean input). Outcomes are kept with the plan, a failure
     included; `prepared.batch_behaviour` holds what check 2 measured.
 
     Raises UnsupportedForIncremental (trace or batch layout) or SelfCheckFailed."""
