@@ -250,6 +250,19 @@ def _compiled(
     return compiling
 
 
+def _stand_ins(args: list) -> list:
+    """The launch's arguments with each 16-byte aligned tensor replaced by a
+    one-element tensor of its dtype: Triton specializes a pointer on its dtype
+    and alignment only, and a background compilation should not keep a batch's
+    tensors alive."""
+    return [
+        torch.empty(1, dtype=a.dtype, device=a.device)
+        if isinstance(a, torch.Tensor) and a.data_ptr() % 16 == 0
+        else a
+        for a in args
+    ]
+
+
 def _finished(compiling: Future) -> None:
     with _compiles_lock:
         if compiling in _in_flight:
@@ -359,7 +372,7 @@ def conv_region(
         return out
     shape_key = (channels_in, channels_out, *_padded3(weight.shape[2:], 1), view.dtype)
     key = (*shape_key, *flags.values(), view.device)
-    compiling = _compiled(key, args, flags, view.device, background)
+    compiling = _compiled(key, _stand_ins(args), flags, view.device, background)
     if background and not compiling.done():
         raise choice.CandidatePending(compiling)
     if background and _in_flight:  # measured once no compilation competes for the CPU
