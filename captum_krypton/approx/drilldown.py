@@ -11,6 +11,7 @@ covering windows, as in exact mode, so the result keeps Captum's shape.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -48,14 +49,20 @@ def window_ids(counts: tuple[int, ...], lattice: tuple[np.ndarray, ...]) -> np.n
 def interpolation_matrix(known: np.ndarray, count: int) -> torch.Tensor:
     """(len(known), count) weights: linear interpolation from the known positions
     (sorted, first 0, last count - 1) to every position 0..count-1."""
+    return _interpolation_matrix(tuple(int(k) for k in known), count)
+
+
+@functools.lru_cache(maxsize=64)
+def _interpolation_matrix(known: tuple[int, ...], count: int) -> torch.Tensor:
     weights = np.zeros((len(known), count))
     if len(known) == 1:
         weights[0] = 1.0
         return torch.from_numpy(weights)
     positions = np.arange(count)
-    right = np.clip(np.searchsorted(known, positions, side="right"), 1, len(known) - 1)
+    points = np.asarray(known)
+    right = np.clip(np.searchsorted(points, positions, side="right"), 1, len(points) - 1)
     left = right - 1
-    fraction = (positions - known[left]) / (known[right] - known[left])
+    fraction = (positions - points[left]) / (points[right] - points[left])
     weights[left, positions] += 1.0 - fraction
     weights[right, positions] += fraction
     return torch.from_numpy(weights)
