@@ -86,6 +86,8 @@ class OcclusionReport:
     windows_total: int
     seconds: float
     cancelled: bool = False
+    #: What this call's calibration (`target_ssim`) measured and chose; None where
+    #: none ran (also where an earlier calibration was reused).
     calibration: Calibration | None = None
     #: The global statistics that kept the clean run's values (frozen global
     #: context), by node name; empty where nothing was frozen.
