@@ -98,6 +98,8 @@ class Calibration:
     refined_fraction: the fraction refined in this call on top of the sample
         (1.0: every remaining window).
     grid: (input shape without the batch dim, window, strides) of the call.
+    seconds: wall time of the calibration's own work (estimates, probes), without
+        the exact windows it adds to the map.
     refine: the windows this call computes next, with the chosen plan, best first.
     """
 
@@ -109,6 +111,7 @@ class Calibration:
     sample_windows: int = 0
     refined_fraction: float = 1.0
     grid: tuple | None = None
+    seconds: float = field(default=0.0, compare=False)
     refine: np.ndarray = field(
         default_factory=lambda: np.zeros(0, dtype=np.int64), compare=False, repr=False
     )
@@ -183,15 +186,18 @@ def calibrate(
     remaining = num_windows - int(known.mask.sum())
     probe_points = _probe_points(counts, factor, level)
     probe_ids = dd.window_ids(counts, probe_points)
-    probe_reference = heatmap(dd.interpolate(counts, probe_points, known.diffs(probe_ids)))
     errors: dict[PlanApproximation, float] = {EXACT: 0.0}
+    references: list[torch.Tensor] = []
 
     def plan_error(approximation: PlanApproximation) -> float:
         if approximation not in errors:
+            if not references:
+                exact = known.diffs(probe_ids)
+                references.append(heatmap(dd.interpolate(counts, probe_points, exact)))
             diffs = run_with(approximation, probe_ids)
             calibration.windows_run += len(probe_ids)
             ours = heatmap(dd.interpolate(counts, probe_points, diffs))
-            errors[approximation] = 1.0 - float(attribution_ssim(ours, probe_reference).min())
+            errors[approximation] = 1.0 - float(attribution_ssim(ours, references[0]).min())
         return errors[approximation]
 
     def refined(approximation: PlanApproximation) -> tuple[float, int] | None:
@@ -377,15 +383,19 @@ class _DrillDown:
 
     def cheapest(self, allowed: float, budget: int | None = None) -> tuple[float, int] | None:
         """The smallest candidate fraction predicted within `allowed` and the windows
-        it adds (at most `budget` of them); None: none is. The largest affordable
-        candidate is tried first: where it misses, the smaller ones are not tried."""
+        it adds (at most `budget` of them); None: none is, or the largest affordable
+        misses (the error falls as the fraction grows; with a budget that one is
+        tried first, alone)."""
         affordable = [f for f in FRACTION_CANDIDATES if budget is None or self.windows(f) <= budget]
         if not affordable:
             return None
-        self.evaluate(affordable[-1:])
+        if budget is not None:  # where a next level waits, one comparison may settle it
+            self.evaluate(affordable[-1:])
+            if self.errors[affordable[-1]] > allowed:
+                return None
+        self.evaluate(affordable)
         if self.errors[affordable[-1]] > allowed:
             return None
-        self.evaluate(affordable)
         fraction = next(f for f in affordable if self.errors[f] <= allowed)
         return fraction, self.windows(fraction)
 

@@ -359,14 +359,18 @@ class ProgressiveRun:
         `first`; the exact windows it asks for are computed into the table."""
         assert self._target_ssim is not None
 
+        computing = [0.0]  # seconds spent on windows of the map
+
         def exact_diffs(ids: np.ndarray) -> torch.Tensor:
             new = ids[~self._computed[ids]]
             if len(new):
+                started = time.perf_counter()
                 self._set_planned(self._planned + len(new))
                 for done in self._batches(EXACT, new, self._diffs, self._on_batch):
                     self._computed[done] = True
                     self._exact[done] = True
                     self._check_cancel()
+                computing[0] += time.perf_counter() - started
             rows = torch.from_numpy(ids).to(self._diffs.device)
             return self._diffs[rows].to(torch.float64).cpu()
 
@@ -387,6 +391,7 @@ class ProgressiveRun:
             return exact.cpu_attribution(diffs, self._dtype)
 
         frozen = PlanApproximation(freeze_global_context=True)
+        started = time.perf_counter()
         calibration = calibrate(
             self._target_ssim,
             self._grid.counts,
@@ -398,6 +403,7 @@ class ProgressiveRun:
             seconds_per_window,
             offers_frozen_context=bool(self._prepare(frozen).plan.frozen.statistics),
         )
+        calibration.seconds = time.perf_counter() - started - computing[0]
         grid = self._grid
         calibration.grid = (grid.shape, grid.window, grid.strides)
         return calibration
