@@ -270,7 +270,7 @@ def calibrate(
 
 
 class _Known:
-    """The windows computed exactly so far and their differences (float64, CPU)."""
+    """The windows computed exactly so far and their differences (float64, numpy)."""
 
     def __init__(
         self,
@@ -282,7 +282,7 @@ class _Known:
         self.num_windows = math.prod(counts)
         self._exact_diffs = exact_diffs
         self.mask = np.zeros(self.num_windows, dtype=bool)
-        self.table: torch.Tensor | None = None
+        self.table: np.ndarray | None = None
         self.add(np.asarray(first))
 
     @property
@@ -294,15 +294,15 @@ class _Known:
         new = ids[~self.mask[ids]]
         if not len(new):
             return
-        diffs = self._exact_diffs(new).to(torch.float64).cpu()
+        diffs = self._exact_diffs(new).to(torch.float64).cpu().numpy()
         if self.table is None:
-            self.table = torch.zeros((self.num_windows, diffs.shape[1]), dtype=torch.float64)
-        self.table[torch.from_numpy(new)] = diffs
+            self.table = np.zeros((self.num_windows, diffs.shape[1]))
+        self.table[new] = diffs
         self.mask[new] = True
 
     def diffs(self, ids: np.ndarray) -> torch.Tensor:
         assert self.table is not None and self.mask[ids].all()
-        return self.table[torch.from_numpy(ids)]
+        return torch.from_numpy(self.table[ids])
 
 
 class _DrillDown:
@@ -330,16 +330,18 @@ class _DrillDown:
         self._ranked = np.argsort(-scores.numpy(), kind="stable")
         self._rank = np.empty_like(self._ranked)
         self._rank[self._ranked] = np.arange(len(self._ranked))
-        interpolated = dd.interpolate(counts, lattice, lattice_diffs)
+        interpolated = dd.interpolate(counts, lattice, lattice_diffs).numpy()
         assert known.table is not None
         self._known = known.mask.copy()
-        self._residual = torch.where(
-            torch.from_numpy(self._known)[:, None], known.table - interpolated, 0.0
-        )
+        table = known.table
+        self._residual = np.where(self._known[:, None], table - interpolated, 0.0)
         self._sampled = _mask(counts, sample)
         self._in_population = _mask(counts, population)
-        self._before = heatmap(interpolated + self._residual)
+        self._before = self._map(interpolated + self._residual)
         self.errors: dict[float, float] = {}
+
+    def _map(self, diffs: np.ndarray) -> np.ndarray:
+        return self._heatmap(torch.from_numpy(diffs)).numpy()
 
     def order(self, fraction: float) -> np.ndarray:
         """The windows the refinement to `fraction` computes, best first."""
@@ -368,15 +370,13 @@ class _DrillDown:
                 scaled.append((fraction, sampled * (unknown / int(sampled.sum()))))
         if not scaled:
             return
-        weights = torch.from_numpy(np.stack([w for _, w in scaled], axis=1))  # windows, K
-        stacked = (self._residual[:, None, :] * weights[:, :, None]).flatten(1)
-        estimates = self._heatmap(stacked)
+        weights = np.stack([w for _, w in scaled], axis=1)  # windows, K
+        stacked = (self._residual[:, None, :] * weights[:, :, None]).reshape(len(weights), -1)
         before = self._before
-        estimates = estimates.reshape(len(scaled), *before.shape)
-        references = (before[None] + estimates).flatten(0, 1)
-        ssim = attribution_ssim_many(
-            before.expand(len(scaled), *before.shape).flatten(0, 1), references
-        )
+        estimates = self._map(stacked).reshape(len(scaled), *before.shape)
+        references = (before[None] + estimates).reshape(-1, *before.shape[1:])
+        repeated = np.broadcast_to(before[None], estimates.shape).reshape(references.shape)
+        ssim = attribution_ssim_many(torch.from_numpy(repeated), torch.from_numpy(references))
         ssim = ssim.reshape(len(scaled), -1).min(axis=1)
         for (fraction, _), score in zip(scaled, ssim):
             self.errors[fraction] = 1.0 - float(score)

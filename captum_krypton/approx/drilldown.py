@@ -49,15 +49,15 @@ def window_ids(counts: tuple[int, ...], lattice: tuple[np.ndarray, ...]) -> np.n
 def interpolation_matrix(known: np.ndarray, count: int) -> torch.Tensor:
     """(len(known), count) weights: linear interpolation from the known positions
     (sorted, first 0, last count - 1) to every position 0..count-1."""
-    return _interpolation_matrix(tuple(int(k) for k in known), count)
+    return torch.from_numpy(_interpolation_matrix(tuple(int(k) for k in known), count))
 
 
 @functools.lru_cache(maxsize=64)
-def _interpolation_matrix(known: tuple[int, ...], count: int) -> torch.Tensor:
+def _interpolation_matrix(known: tuple[int, ...], count: int) -> np.ndarray:
     weights = np.zeros((len(known), count))
     if len(known) == 1:
         weights[0] = 1.0
-        return torch.from_numpy(weights)
+        return weights
     positions = np.arange(count)
     points = np.asarray(known)
     right = np.clip(np.searchsorted(points, positions, side="right"), 1, len(points) - 1)
@@ -65,19 +65,34 @@ def _interpolation_matrix(known: tuple[int, ...], count: int) -> torch.Tensor:
     fraction = (positions - points[left]) / (points[right] - points[left])
     weights[left, positions] += 1.0 - fraction
     weights[right, positions] += fraction
-    return torch.from_numpy(weights)
+    return weights
 
 
 def interpolate(
     counts: tuple[int, ...], lattice: tuple[np.ndarray, ...], values: torch.Tensor
 ) -> torch.Tensor:
     """Values at every grid point (prod(counts), outputs), float64, from values at
-    the lattice points ((prod of lattice sizes), outputs), separably per dim."""
-    field = values.to(torch.float64).cpu().reshape(*(len(a) for a in lattice), values.shape[1])
+    the lattice points ((prod of lattice sizes), outputs), separably per dim (in
+    numpy, off torch's thread pool, as WindowGrid.accumulate)."""
+    return torch.from_numpy(_interpolate(counts, lattice, _numpy(values)))
+
+
+def _numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        return values.astype(np.float64, copy=False)
+    return values.detach().to(torch.float64).cpu().numpy()
+
+
+def _interpolate(
+    counts: tuple[int, ...], lattice: tuple[np.ndarray, ...], values: np.ndarray
+) -> np.ndarray:
+    outputs = values.shape[1]
+    field = values.reshape(*(len(a) for a in lattice), outputs)
     for known, count in zip(lattice, counts):
-        field = torch.tensordot(field, interpolation_matrix(known, count), dims=([0], [0]))
+        matrix = _interpolation_matrix(tuple(int(k) for k in known), count)
+        field = np.tensordot(field, matrix, axes=([0], [0]))
     # Each contraction moved its dim to the end: (outputs, *counts) now.
-    return field.reshape(values.shape[1], -1).T.contiguous()
+    return np.ascontiguousarray(field.reshape(outputs, -1).T)
 
 
 def refinement_scores(
@@ -88,15 +103,15 @@ def refinement_scores(
     differences around it (how far interpolation can be off), the largest over
     outputs. (windows,), float64."""
     sizes = tuple(len(axis) for axis in lattice)
-    values = lattice_diffs.to(torch.float64).cpu().numpy().reshape(*sizes, -1)
+    values = _numpy(lattice_diffs).reshape(*sizes, -1)
     neighbourhood = (3,) * len(sizes) + (1,)  # lattice neighbours, per output
     spread = ndimage.maximum_filter(values, neighbourhood, mode="nearest") - (
         ndimage.minimum_filter(values, neighbourhood, mode="nearest")
     )
     flat = values.shape[-1]
-    estimate = interpolate(counts, lattice, torch.from_numpy(values.reshape(-1, flat)))
-    uncertainty = interpolate(counts, lattice, torch.from_numpy(spread.reshape(-1, flat)))
-    return (estimate.abs() + uncertainty).amax(dim=1)
+    estimate = _interpolate(counts, lattice, values.reshape(-1, flat))
+    uncertainty = _interpolate(counts, lattice, spread.reshape(-1, flat))
+    return torch.from_numpy((np.abs(estimate) + uncertainty).max(axis=1))
 
 
 def refinement_order(scores: torch.Tensor, fraction: float, computed: np.ndarray) -> np.ndarray:
@@ -117,6 +132,5 @@ def compose(
 ) -> torch.Tensor:
     """Every window's difference: computed where `computed`, else interpolated from
     the lattice. diffs: (windows, outputs) with rows of computed windows filled."""
-    estimate = interpolate(counts, lattice, lattice_diffs)
-    mask = torch.from_numpy(computed)
-    return torch.where(mask[:, None], diffs.to(torch.float64).cpu(), estimate)
+    estimate = _interpolate(counts, lattice, _numpy(lattice_diffs))
+    return torch.from_numpy(np.where(computed[:, None], _numpy(diffs), estimate))

@@ -52,46 +52,53 @@ def attribution_ssim(approximate: torch.Tensor, exact: torch.Tensor) -> np.ndarr
 def attribution_ssim_many(approximate: torch.Tensor, exact: torch.Tensor) -> np.ndarray:
     """`attribution_ssim` of many maps at once: scikit-image's formula (uniform
     window, sample covariance, the window's half-width left out at the borders,
-    the mean over channels), vectorized in torch for the calibration's many
-    comparisons. Both (maps, C, *spatial); returns (maps,). Maps with no spatial
-    dims, more than three, or too small for a 3-wide window go to
+    the mean over channels), vectorized in numpy for the calibration's many
+    comparisons (torch's intra-op threads would wait for each other at every
+    small op on a busy CPU). Both (maps, C, *spatial); returns (maps,). Maps with
+    no spatial dims, more than three, or too small for a 3-wide window go to
     `attribution_ssim`."""
     if approximate.shape != exact.shape:
         raise ValueError(f"shapes differ: {tuple(approximate.shape)} vs {tuple(exact.shape)}")
-    ours = approximate.detach().double().cpu()
-    reference = exact.detach().double().cpu()
+    ours = approximate.detach().double().cpu().numpy()
+    reference = exact.detach().double().cpu().numpy()
     if (ours == ours[:, :1]).all() and (reference == reference[:, :1]).all():
         ours, reference = ours[:, :1], reference[:, :1]  # the same map on every channel
-    spatial = ours.dim() - 2
+    spatial = ours.ndim - 2
     side = min(ours.shape[2:], default=0)
     window = min(DEFAULT_WINDOW, side if side % 2 else side - 1)
     if not 1 <= spatial <= 3 or window < 3:
-        return attribution_ssim(ours, reference)
+        return attribution_ssim(torch.from_numpy(ours), torch.from_numpy(reference))
 
-    def mean(x: torch.Tensor) -> torch.Tensor:
+    def mean(x: np.ndarray) -> np.ndarray:
         """The mean over every full window (a box filter by running sums)."""
-        for dim in range(2, x.dim()):
-            sums = torch.nn.functional.pad(x.cumsum(dim), [0, 0] * (x.dim() - 1 - dim) + [1, 0])
-            size = sums.shape[dim]
-            x = sums.narrow(dim, window, size - window) - sums.narrow(dim, 0, size - window)
+        for axis in range(3, x.ndim):
+            sums = np.cumsum(x, axis=axis)
+            pad = [(0, 0)] * x.ndim
+            pad[axis] = (1, 0)
+            sums = np.pad(sums, pad)
+            size = sums.shape[axis]
+            x = sums.take(range(window, size), axis=axis) - sums.take(
+                range(size - window), axis=axis
+            )
         return x / window**spatial
 
-    flat = reference.flatten(1)
-    data_range = flat.amax(1) - flat.amin(1)
+    flat = reference.reshape(len(reference), -1)
+    data_range = flat.max(axis=1) - flat.min(axis=1)
     shape = (-1,) + (1,) * (spatial + 1)
     points = window**spatial
     covariance = points / (points - 1)
-    products = (ours, reference, ours * ours, reference * reference, ours * reference)
-    ux, uy, uxx, uyy, uxy = mean(torch.cat(products)).split(len(ours))
+    products = np.stack([ours, reference, ours * ours, reference * reference, ours * reference])
+    ux, uy, uxx, uyy, uxy = mean(products)
     vx = covariance * (uxx - ux * ux)
     vy = covariance * (uyy - uy * uy)
     vxy = covariance * (uxy - ux * uy)
-    c1 = (0.01 * data_range).view(shape) ** 2
-    c2 = (0.03 * data_range).view(shape) ** 2
-    score = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
-    scores = score.flatten(2).mean(2).mean(1)
+    c1 = (0.01 * data_range).reshape(shape) ** 2
+    c2 = (0.03 * data_range).reshape(shape) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+    scores = score.reshape(*score.shape[:2], -1).mean(axis=2).mean(axis=1)
     constant = data_range == 0
     if constant.any():
-        equal = (ours == reference).flatten(1).all(1).double()
-        scores = torch.where(constant, equal, scores)
-    return scores.numpy()
+        equal = (ours == reference).reshape(len(ours), -1).all(axis=1).astype(np.float64)
+        scores = np.where(constant, equal, scores)
+    return scores

@@ -270,9 +270,11 @@ class PreparedOcclusion:
         total, count = self.grid.accumulate(diffs)
         return total.to(dtype).float() / count.float()
 
-    def cpu_attribution(self, diffs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`attribution_from`, kept on the CPU: what calibration compares."""
-        return self._average(diffs, dtype)
+    def cpu_attribution(self, diffs: torch.Tensor) -> torch.Tensor:
+        """`attribution_from` in float64 on the CPU (computed in numpy), without
+        Captum's rounding to the output's dtype: what calibration compares."""
+        total, count = self.grid.accumulate(diffs)
+        return torch.from_numpy(total.numpy() / count.numpy())
 
     def partial_attribution(
         self, diffs: torch.Tensor, computed: np.ndarray, dtype: torch.dtype

@@ -388,7 +388,7 @@ class ProgressiveRun:
             return costs[approximation]
 
         def heatmap(diffs: torch.Tensor) -> torch.Tensor:
-            return exact.cpu_attribution(diffs, self._dtype)
+            return exact.cpu_attribution(diffs)
 
         frozen = PlanApproximation(freeze_global_context=True)
         started = time.perf_counter()

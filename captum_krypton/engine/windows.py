@@ -53,26 +53,38 @@ class WindowGrid:
         lo, hi = self.all_bounds
         return Geometry.from_bounds(lo[:, 1:], hi[:, 1:], tuple(self.shape[1:]))
 
-    def coverage(self, dim: int) -> torch.Tensor:
+    def coverage(self, dim: int) -> np.ndarray:
         """(windows along dim, size of dim) 0/1 matrix: which positions each covers."""
-        starts = np.arange(self.counts[dim]) * self.strides[dim]
-        positions = np.arange(self.shape[dim])
-        covered = (positions >= starts[:, None]) & (positions < starts[:, None] + self.window[dim])
-        return torch.from_numpy(covered.astype(np.float64))
+        return self._coverage[dim]
+
+    @functools.cached_property
+    def _coverage(self) -> tuple[np.ndarray, ...]:
+        matrices = []
+        for dim in range(len(self.shape)):
+            starts = np.arange(self.counts[dim]) * self.strides[dim]
+            positions = np.arange(self.shape[dim])
+            covered = (positions >= starts[:, None]) & (
+                positions < starts[:, None] + self.window[dim]
+            )
+            matrices.append(covered.astype(np.float64))
+        return tuple(matrices)
 
     def accumulate(self, diffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of each window's output difference over the positions it covers, and counts.
 
         diffs: (num_windows, outputs). The sum over windows is separable per dim,
-        so it is a chain of small matrix products rather than a loop over windows.
+        so it is a chain of small matrix products rather than a loop over windows,
+        in numpy on the host: on a busy CPU, torch's intra-op threads wait for each
+        other at every small op, far longer than these products take.
         """
-        total = diffs.to(torch.float64).cpu().reshape(*self.counts, diffs.shape[1])
-        count = torch.ones((), dtype=torch.float64)
+        total = diffs.detach().to(torch.float64).cpu().numpy()
+        total = total.reshape(*self.counts, diffs.shape[1])
+        count = np.ones(())
         for dim in range(len(self.shape)):
-            matrix = self.coverage(dim)
-            total = torch.tensordot(total, matrix, dims=([0], [0]))
-            count = count.unsqueeze(-1) * matrix.sum(dim=0)
-        return total, count
+            matrix = self._coverage[dim]
+            total = np.tensordot(total, matrix, axes=([0], [0]))
+            count = count[..., None] * matrix.sum(axis=0)
+        return torch.from_numpy(np.ascontiguousarray(total)), torch.from_numpy(count)
 
     def occluded_tiles(
         self,
