@@ -49,7 +49,9 @@ def attribution_ssim(approximate: torch.Tensor, exact: torch.Tensor) -> np.ndarr
     return np.asarray(scores)
 
 
-def attribution_ssim_many(approximate: torch.Tensor, exact: torch.Tensor) -> np.ndarray:
+def attribution_ssim_many(
+    approximate: torch.Tensor | np.ndarray, exact: torch.Tensor | np.ndarray
+) -> np.ndarray:
     """`attribution_ssim` of many maps at once: scikit-image's formula (uniform
     window, sample covariance, the window's half-width left out at the borders,
     the mean over channels), vectorized in numpy for the calibration's many
@@ -59,8 +61,7 @@ def attribution_ssim_many(approximate: torch.Tensor, exact: torch.Tensor) -> np.
     `attribution_ssim`."""
     if approximate.shape != exact.shape:
         raise ValueError(f"shapes differ: {tuple(approximate.shape)} vs {tuple(exact.shape)}")
-    ours = approximate.detach().double().cpu().numpy()
-    reference = exact.detach().double().cpu().numpy()
+    ours, reference = _float64(approximate), _float64(exact)
     if (ours == ours[:, :1]).all() and (reference == reference[:, :1]).all():
         ours, reference = ours[:, :1], reference[:, :1]  # the same map on every channel
     spatial = ours.ndim - 2
@@ -102,3 +103,9 @@ def attribution_ssim_many(approximate: torch.Tensor, exact: torch.Tensor) -> np.
         equal = (ours == reference).reshape(len(ours), -1).all(axis=1).astype(np.float64)
         scores = np.where(constant, equal, scores)
     return scores
+
+
+def _float64(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        return values.astype(np.float64, copy=False)
+    return values.detach().double().cpu().numpy()
