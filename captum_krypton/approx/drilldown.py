@@ -49,23 +49,27 @@ def window_ids(counts: tuple[int, ...], lattice: tuple[np.ndarray, ...]) -> np.n
 def interpolation_matrix(known: np.ndarray, count: int) -> torch.Tensor:
     """(len(known), count) weights: linear interpolation from the known positions
     (sorted, first 0, last count - 1) to every position 0..count-1."""
-    return torch.from_numpy(_interpolation_matrix(tuple(int(k) for k in known), count))
+    left, right, fraction = _interpolation(tuple(int(k) for k in known), count)
+    weights = np.zeros((len(known), count))
+    positions = np.arange(count)
+    np.add.at(weights, (left, positions), 1.0 - fraction)
+    np.add.at(weights, (right, positions), fraction)
+    return torch.from_numpy(weights)
 
 
 @functools.lru_cache(maxsize=64)
-def _interpolation_matrix(known: tuple[int, ...], count: int) -> np.ndarray:
-    weights = np.zeros((len(known), count))
-    if len(known) == 1:
-        weights[0] = 1.0
-        return weights
+def _interpolation(known: tuple[int, ...], count: int) -> tuple[np.ndarray, ...]:
+    """Per position 0..count-1: the known neighbours' indices (into `known`) on
+    either side and the weight of the right one."""
     positions = np.arange(count)
+    if len(known) == 1:
+        zero = np.zeros(count, dtype=np.int64)
+        return zero, zero, np.zeros(count)
     points = np.asarray(known)
     right = np.clip(np.searchsorted(points, positions, side="right"), 1, len(points) - 1)
     left = right - 1
     fraction = (positions - points[left]) / (points[right] - points[left])
-    weights[left, positions] += 1.0 - fraction
-    weights[right, positions] += fraction
-    return weights
+    return left, right, fraction
 
 
 def interpolate(
@@ -73,7 +77,7 @@ def interpolate(
 ) -> torch.Tensor:
     """Values at every grid point (prod(counts), outputs), float64, from values at
     the lattice points ((prod of lattice sizes), outputs), separably per dim (in
-    numpy, off torch's thread pool, as WindowGrid.accumulate)."""
+    numpy, as WindowGrid.accumulate)."""
     return torch.from_numpy(_interpolate(counts, lattice, _numpy(values)))
 
 
@@ -88,11 +92,16 @@ def _interpolate(
 ) -> np.ndarray:
     outputs = values.shape[1]
     field = values.reshape(*(len(a) for a in lattice), outputs)
-    for known, count in zip(lattice, counts):
-        matrix = _interpolation_matrix(tuple(int(k) for k in known), count)
-        field = np.tensordot(field, matrix, axes=([0], [0]))
-    # Each contraction moved its dim to the end: (outputs, *counts) now.
-    return np.ascontiguousarray(field.reshape(outputs, -1).T)
+    for dim, (known, count) in enumerate(zip(lattice, counts)):
+        left, right, fraction = _interpolation(tuple(int(k) for k in known), count)
+        view = [1] * field.ndim
+        view[dim] = -1
+        weight = fraction.reshape(view)
+        field = (
+            np.take(field, left, axis=dim) * (1.0 - weight)
+            + np.take(field, right, axis=dim) * weight
+        )
+    return np.ascontiguousarray(field.reshape(-1, outputs))
 
 
 def refinement_scores(
