@@ -341,6 +341,7 @@ class _DrillDown:
         self._in_population = _mask(counts, population)
         self._before = self._map(interpolated + self._residual)
         self.errors: dict[float, float] = {}
+        self._windows: dict[float, int] = {}
 
     def _map(self, diffs: np.ndarray) -> np.ndarray:
         return self._heatmap(torch.from_numpy(diffs)).numpy()
@@ -352,7 +353,9 @@ class _DrillDown:
 
     def windows(self, fraction: float) -> int:
         """Windows the refinement to `fraction` adds to those known."""
-        return len(self.order(fraction))
+        if fraction not in self._windows:
+            self._windows[fraction] = len(self.order(fraction))
+        return self._windows[fraction]
 
     def evaluate(self, fractions: list[float]) -> None:
         """Predicted 1 - SSIM of the map refined to each of `fractions` (into
@@ -385,21 +388,27 @@ class _DrillDown:
 
     def cheapest(self, allowed: float, budget: int | None = None) -> tuple[float, int] | None:
         """The smallest candidate fraction predicted within `allowed` and the windows
-        it adds (at most `budget` of them); None: none is, or the largest affordable
-        misses (the error falls as the fraction grows; with a budget that one is
-        tried first, alone)."""
+        it adds (at most `budget` of them); None: none is. The error falls as the
+        fraction grows, so candidates go coarse to fine: the largest affordable
+        (alone, where a next level waits: it may settle the level), every other one
+        down from it, then the one just below the smallest that passed."""
         affordable = [f for f in FRACTION_CANDIDATES if budget is None or self.windows(f) <= budget]
         if not affordable:
             return None
-        if budget is not None:  # where a next level waits, one comparison may settle it
+        if budget is not None:
             self.evaluate(affordable[-1:])
             if self.errors[affordable[-1]] > allowed:
                 return None
-        self.evaluate(affordable)
-        if self.errors[affordable[-1]] > allowed:
+        self.evaluate(affordable[::-2])
+        passing = [f for f in affordable if f in self.errors and self.errors[f] <= allowed]
+        if not passing:
             return None
-        fraction = next(f for f in affordable if self.errors[f] <= allowed)
-        return fraction, self.windows(fraction)
+        index = affordable.index(passing[0])
+        if index > 0:
+            self.evaluate(affordable[index - 1 : index])
+            if self.errors[affordable[index - 1]] <= allowed:
+                index -= 1
+        return affordable[index], self.windows(affordable[index])
 
     def equivalent_fraction(self, fraction: float) -> float:
         """The fraction that computes as many windows, the top-scored ones, when

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 #: scikit-image's default Gaussian-free window side.
@@ -54,7 +55,7 @@ def attribution_ssim_many(
 ) -> np.ndarray:
     """`attribution_ssim` of many maps at once: scikit-image's formula (uniform
     window, sample covariance, the window's half-width left out at the borders,
-    the mean over channels), vectorized in numpy for the calibration's many
+    the mean over channels), vectorized for the calibration's many
     comparisons (torch's intra-op threads would wait for each other at every
     small op on a busy CPU). Both (maps, C, *spatial); returns (maps,). Maps with
     no spatial dims, more than three, or too small for a 3-wide window go to
@@ -70,18 +71,13 @@ def attribution_ssim_many(
     if not 1 <= spatial <= 3 or window < 3:
         return attribution_ssim(torch.from_numpy(ours), torch.from_numpy(reference))
 
+    half = (window - 1) // 2
+    inside = (slice(None),) * 3 + (slice(half, -half),) * spatial
+    size = (1, 1, 1) + (window,) * spatial
+
     def mean(x: np.ndarray) -> np.ndarray:
-        """The mean over every full window (a box filter by running sums)."""
-        for axis in range(3, x.ndim):
-            sums = np.cumsum(x, axis=axis)
-            pad = [(0, 0)] * x.ndim
-            pad[axis] = (1, 0)
-            sums = np.pad(sums, pad)
-            size = sums.shape[axis]
-            x = sums.take(range(window, size), axis=axis) - sums.take(
-                range(size - window), axis=axis
-            )
-        return x / window**spatial
+        """scipy's uniform filter, as scikit-image filters, on the part it keeps."""
+        return ndimage.uniform_filter(x, size)[inside]
 
     flat = reference.reshape(len(reference), -1)
     data_range = flat.max(axis=1) - flat.min(axis=1)
@@ -109,3 +105,14 @@ def _float64(values: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(values, np.ndarray):
         return values.astype(np.float64, copy=False)
     return values.detach().double().cpu().numpy()
+
+
+def _float64(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        return values.astype(np.float64, copy=False)
+    return values.detach().double().cpu().numpy()
+
+
+def _along(axis: int, part: slice) -> tuple:
+    """An index taking `part` of `axis` and all of the axes before it."""
+    return (slice(None),) * axis + (part,)

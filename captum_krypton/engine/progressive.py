@@ -392,6 +392,10 @@ class ProgressiveRun:
 
         frozen = PlanApproximation(freeze_global_context=True)
         started = time.perf_counter()
+        # The frozen plan is made only where the model has global statistics at all.
+        offers_frozen_context = bool(exact.plan.global_context.statistics) and bool(
+            self._prepare(frozen).plan.frozen.statistics
+        )
         calibration = calibrate(
             self._target_ssim,
             self._grid.counts,
@@ -401,7 +405,7 @@ class ProgressiveRun:
             heatmap,
             run_with,
             seconds_per_window,
-            offers_frozen_context=bool(self._prepare(frozen).plan.frozen.statistics),
+            offers_frozen_context,
         )
         calibration.seconds = time.perf_counter() - started - computing[0]
         grid = self._grid

@@ -79,15 +79,19 @@ class WindowGrid:
         """
         total = diffs.detach().to(torch.float64).cpu().numpy()
         total = total.reshape(*self.counts, diffs.shape[1])
-        count = np.ones(())
-        for dim, shifts in enumerate(self._covering):
+        counts = []
+        # Dims whose windows span them (one window: every channel) grow the most: last.
+        for dim in sorted(range(len(self.shape)), key=lambda d: self.shape[d] / self.counts[d]):
             summed, covering = 0.0, 0.0
             view = [1] * total.ndim
             view[dim] = -1
-            for index, covers in shifts:
+            for index, covers in self._covering[dim]:
                 summed = summed + np.take(total, index, axis=dim) * covers.reshape(view)
                 covering = covering + covers
             total = summed
+            counts.append((dim, covering))
+        count = np.ones(())
+        for _, covering in sorted(counts, key=lambda c: c[0]):
             count = count[..., None] * covering
         total = np.moveaxis(total, -1, 0)  # (outputs, *shape)
         return torch.from_numpy(np.ascontiguousarray(total)), torch.from_numpy(count)
