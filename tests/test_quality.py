@@ -52,6 +52,9 @@ def test_many_maps_at_once_score_as_scikit_image_does(shape):
     for ours, reference in ((noisy, exact), same_channels):
         expected = attribution_ssim(ours, reference)
         np.testing.assert_allclose(attribution_ssim_many(ours, reference), expected, atol=1e-12)
+    one = noisy[:1]  # one map against each of several
+    expected = attribution_ssim(one.expand(shape), exact)
+    np.testing.assert_allclose(attribution_ssim_many(one, exact), expected, atol=1e-12)
     flat = torch.zeros(2, 3, 8, 8)
     assert attribution_ssim_many(
         flat + torch.tensor([0.0, 1.0])[:, None, None, None], flat

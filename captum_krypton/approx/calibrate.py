@@ -379,10 +379,11 @@ class _DrillDown:
         stacked = (self._residual[:, None, :] * weights[:, :, None]).reshape(len(weights), -1)
         before = self._before
         estimates = self._map(stacked).reshape(len(scaled), *before.shape)
-        references = (before[None] + estimates).reshape(-1, *before.shape[1:])
-        repeated = np.broadcast_to(before[None], estimates.shape).reshape(references.shape)
-        ssim = attribution_ssim_many(repeated, references)
-        ssim = ssim.reshape(len(scaled), -1).min(axis=1)
+        references = before[None] + estimates  # (K, examples, C, *spatial)
+        ssim = np.stack(
+            [attribution_ssim_many(before[i : i + 1], references[:, i]) for i in range(len(before))]
+        )
+        ssim = ssim.min(axis=0)
         for (fraction, _), score in zip(scaled, ssim):
             self.errors[fraction] = 1.0 - float(score)
 

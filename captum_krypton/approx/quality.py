@@ -57,10 +57,13 @@ def attribution_ssim_many(
     window, sample covariance, the window's half-width left out at the borders,
     the mean over channels), vectorized for the calibration's many
     comparisons (torch's intra-op threads would wait for each other at every
-    small op on a busy CPU). Both (maps, C, *spatial); returns (maps,). Maps with
-    no spatial dims, more than three, or too small for a 3-wide window go to
+    small op on a busy CPU). exact: (maps, C, *spatial); approximate: the same,
+    or one map (1, C, *spatial) compared with each. Returns (maps,). Maps with no
+    spatial dims, more than three, or too small for a 3-wide window go to
     `attribution_ssim`."""
-    if approximate.shape != exact.shape:
+    if approximate.shape != exact.shape and (
+        approximate.shape[0] != 1 or approximate.shape[1:] != exact.shape[1:]
+    ):
         raise ValueError(f"shapes differ: {tuple(approximate.shape)} vs {tuple(exact.shape)}")
     ours, reference = _float64(approximate), _float64(exact)
     if (ours == ours[:, :1]).all() and (reference == reference[:, :1]).all():
@@ -69,6 +72,7 @@ def attribution_ssim_many(
     side = min(ours.shape[2:], default=0)
     window = min(DEFAULT_WINDOW, side if side % 2 else side - 1)
     if not 1 <= spatial <= 3 or window < 3:
+        ours = np.broadcast_to(ours, reference.shape).copy()
         return attribution_ssim(torch.from_numpy(ours), torch.from_numpy(reference))
 
     half = (window - 1) // 2
@@ -84,8 +88,12 @@ def attribution_ssim_many(
     shape = (-1,) + (1,) * (spatial + 1)
     points = window**spatial
     covariance = points / (points - 1)
-    products = np.stack([ours, reference, ours * ours, reference * reference, ours * reference])
-    ux, uy, uxx, uyy, uxy = mean(products)
+    if len(ours) == len(reference):
+        products = np.stack([ours, reference, ours * ours, reference * reference, ours * reference])
+        ux, uy, uxx, uyy, uxy = mean(products)
+    else:  # one map against many: its own means once
+        ux, uxx = mean(np.stack([ours, ours * ours]))
+        uy, uyy, uxy = mean(np.stack([reference, reference * reference, ours * reference]))
     vx = covariance * (uxx - ux * ux)
     vy = covariance * (uyy - uy * uy)
     vxy = covariance * (uxy - ux * uy)
@@ -96,7 +104,7 @@ def attribution_ssim_many(
     scores = score.reshape(*score.shape[:2], -1).mean(axis=2).mean(axis=1)
     constant = data_range == 0
     if constant.any():
-        equal = (ours == reference).reshape(len(ours), -1).all(axis=1).astype(np.float64)
+        equal = (ours == reference).reshape(len(reference), -1).all(axis=1).astype(np.float64)
         scores = np.where(constant, equal, scores)
     return scores
 
