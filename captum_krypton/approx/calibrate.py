@@ -89,8 +89,8 @@ class Calibration:
         windows as this call did, the top-scored ones, without calibrating.
     tau_errors: 1 - SSIM per tau tried, with the chosen frozen context.
     fraction_errors: drill-down's predicted 1 - SSIM per fraction evaluated, at
-        the chosen spacing (fractions of all windows refined on top of the
-        sample).
+        the chosen spacing, else the last one tried (fractions of all windows
+        refined on top of the sample).
     windows_run: windows run for the probes of tau and frozen context only (not
         in the map).
     frozen_context_error: 1 - SSIM with frozen global context alone (None: not
@@ -163,6 +163,7 @@ def calibrate(
     # `sample` stays a uniform random sample of the windows off each level's
     # lattice that are not otherwise known (a previous lattice's windows).
     level: _DrillDown | None = None
+    tried: _DrillDown | None = None  # the last level tried
     levels = _levels(counts, factor)
     sample = np.zeros(0, dtype=np.int64)
     if levels:
@@ -175,7 +176,7 @@ def calibrate(
         population = np.union1d(np.flatnonzero(~known.mask & ~on), sample)
         sample = _extend_sample(sample, population, share, index)
         known.add(np.union1d(np.flatnonzero(on), sample))
-        candidate = _DrillDown(counts, spacing, sample, population, known, heatmap, margin)
+        candidate = tried = _DrillDown(counts, spacing, sample, population, known, heatmap, margin)
         budget = None
         if index + 1 < len(levels):
             budget = _next_level_windows(counts, levels[index + 1], known, sample)
@@ -250,8 +251,8 @@ def calibrate(
     _, tau, freeze, fraction = best
     chosen = PlanApproximation(-tau, freeze)
     fraction = -fraction
-    if level is not None:
-        calibration.fraction_errors = dict(sorted(level.errors.items()))
+    if tried is not None:
+        calibration.fraction_errors = dict(sorted((level or tried).errors.items()))
     dd_error = 0.0 if level is None or fraction == 1.0 else level.errors[fraction]
     calibration.refined_fraction = fraction
     if level is not None:
