@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from captum_krypton.approx import Approximation, attribution_ssim
+    from captum_krypton.approx import Approximation, Calibration, attribution_ssim
     from captum_krypton.attr import (
         FallbackWarning,
         IncrementalNotApplicable,
@@ -30,6 +30,7 @@ _PUBLIC = {
     "OcclusionReport": "captum_krypton.engine.progressive",
     "SelfCheckReport": "captum_krypton.engine.self_check",
     "Approximation": "captum_krypton.approx",
+    "Calibration": "captum_krypton.approx",
     "attribution_ssim": "captum_krypton.approx",
 }
 
@@ -42,6 +43,7 @@ __all__ = [
     "OcclusionReport",
     "SelfCheckReport",
     "Approximation",
+    "Calibration",
     "attribution_ssim",
 ]
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_krypton import chunks
+from captum_krypton.approx.calibrate import Calibration
 from captum_krypton.approx.settings import Approximation
 from captum_krypton.captum_path import as_check_failure, fall_back, run_captum
 from captum_krypton.capture import UnsupportedForIncremental
@@ -25,7 +26,12 @@ from captum_krypton.engine.progressive import OcclusionProgress, OcclusionReport
 from captum_krypton.engine.self_check import SelfCheckFailed
 from captum_krypton.engine.settings import EngineSettings, Kernels
 from captum_krypton.errors import FallbackWarning, IncrementalNotApplicable, OnceWarnings
-from captum_krypton.options import Engine, OcclusionOptions, check_strides
+from captum_krypton.options import (
+    Engine,
+    OcclusionOptions,
+    check_calibration,
+    check_strides,
+)
 from captum_krypton.parallel.sharded import ShardedOcclusion
 from captum_krypton.plan import RegionPlan
 from captum_krypton.progressive_path import ProgressivePath
@@ -75,6 +81,7 @@ class IncrementalOcclusion(Occlusion):
         drilldown: float | None = None,
         drilldown_factor: int = 4,
         target_ssim: float | None = None,
+        calibration: Calibration | None = None,
         on_progress: Callable[[OcclusionProgress], object] | None = None,
         cancel: threading.Event | None = None,
         region: tuple[int, ...] | None = None,
@@ -150,14 +157,33 @@ class IncrementalOcclusion(Occlusion):
                 windows than exact mode. Default: None (off)
             drilldown_factor (int, optional): The coarse pass's spacing in windows,
                 at least 2; 4 suits 224-pixel inputs with 16-pixel windows, maps
-                with finer detail than the coarse spacing want 2. Default: 4
+                with finer detail than the coarse spacing want 2; with
+                `target_ssim`, the first spacing tried. Default: 4
             target_ssim (float, optional): In (0, 1): choose `tau`,
                 `freeze_global_context` (where the model has global context to
-                freeze) and `drilldown` by a calibration on these inputs (on
-                drill-down's coarse pass) so that the heatmap's SSIM vs exact is
-                expected to reach it; the choice is in
-                `self.last_run.approximation`. Leave those three unset.
-                Default: None
+                freeze), `drilldown` and `drilldown_factor` (this one or 2) by a
+                calibration on these inputs so that the heatmap's SSIM vs exact
+                is expected to reach it: drill-down's coarse pass and a seeded
+                random sample of the other windows run exactly (they stay in
+                the map), and the sample's interpolation errors predict the
+                SSIM. Where no choice is predicted to reach the target, or the
+                best saves under a tenth of the windows' cost, the remaining
+                windows run exactly. The choice is in
+                `self.last_run.approximation`, the measurements in
+                `self.last_run.calibration`. Leave `tau`,
+                `freeze_global_context` and `drilldown` unset. Default: None
+            calibration (Calibration, optional): Reuse an earlier choice:
+                `last_run.calibration` of a `target_ssim` call on inputs of the
+                same shape (without the batch dim), window and strides, such as
+                the first image of a data set. Its `tau`,
+                `freeze_global_context`, `drilldown` and `drilldown_factor` run
+                as if given as keywords (its `drilldown` computes as many
+                windows as the calibrated call did, the top-scored ones): no
+                calibration windows, no SSIM estimates, and no check that these
+                inputs reach the target. Leave `target_ssim`, `tau`,
+                `freeze_global_context` and `drilldown` unset. Raises TypeError
+                for anything but a Calibration and ValueError for another
+                shape, window or strides. Default: None
             on_progress (callable, optional): Called with an `OcclusionProgress` (a
                 heatmap so far, windows done and planned) after every window batch,
                 and with the final result last (`complete=True`, the returned
@@ -224,6 +250,7 @@ class IncrementalOcclusion(Occlusion):
             drilldown=drilldown,
             drilldown_factor=drilldown_factor,
             target_ssim=target_ssim,
+            calibration=calibration,
             on_progress=on_progress,
             cancel=cancel,
             region=region,
@@ -231,6 +258,7 @@ class IncrementalOcclusion(Occlusion):
             self_check=self_check,
         )
         check_strides(call)
+        check_calibration(call, options)
         finished = self._run(call, options)
         self.last_run = finished.report
         return finished.progress.attribution
@@ -271,6 +299,7 @@ class IncrementalOcclusion(Occlusion):
             show_progress,
         )
         check_strides(call)
+        check_calibration(call, options)
         yield from self._stream(call, options, report_batches)
 
     def plan(

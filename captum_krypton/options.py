@@ -3,6 +3,7 @@ and passed on as one object."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from captum.attr._utils.common import _format_and_verify_strides
 
+from captum_krypton.approx.calibrate import Calibration
 from captum_krypton.approx.settings import Approximation, check_target_ssim
 from captum_krypton.engine.call import CaptumArguments
 from captum_krypton.engine.progressive import OcclusionProgress
@@ -32,6 +34,8 @@ class OcclusionOptions:
     approximation: tau, frozen global context and drill-down, as asked (exact by
         default).
     target_ssim: the SSIM vs exact that chooses them (None: off).
+    calibration: an earlier call's calibration whose choice `approximation` is
+        (None: not reused).
     region: (*starts, *ends) over the spatial dims: only windows inside it run.
     devices: the devices sharing the windows; None on Captum's path or when not given.
     on_progress: called with every `OcclusionProgress` of `attribute`.
@@ -42,6 +46,7 @@ class OcclusionOptions:
     settings: EngineSettings = field(default_factory=EngineSettings)
     approximation: Approximation = field(default_factory=Approximation)
     target_ssim: float | None = None
+    calibration: Calibration | None = None
     region: tuple[int, ...] | None = None
     devices: tuple[torch.device, ...] | None = None
     on_progress: Callable[[OcclusionProgress], object] | None = None
@@ -63,6 +68,13 @@ class OcclusionOptions:
                 raise ValueError(
                     "target_ssim chooses tau, freeze_global_context and drilldown: leave them unset"
                 )
+        if self.calibration is not None and (
+            self.target_ssim is not None or self.approximation != _reused(self.calibration)
+        ):
+            raise ValueError(
+                "calibration reuses an earlier choice: leave target_ssim, tau, "
+                "freeze_global_context and drilldown unset"
+            )
         if self.region is not None and (self.drilling or self.target_ssim is not None):
             raise ValueError("region computes the windows inside it: not with drill-down")
         if self.engine not in ("auto", "incremental", "captum"):
@@ -85,6 +97,7 @@ class OcclusionOptions:
         drilldown: float | None = None,
         drilldown_factor: int = 4,
         target_ssim: float | None = None,
+        calibration: Calibration | None = None,
         on_progress: Callable[[OcclusionProgress], object] | None = None,
         cancel: threading.Event | None = None,
         region: tuple[int, ...] | None = None,
@@ -92,8 +105,27 @@ class OcclusionOptions:
         self_check: bool = True,
     ) -> OcclusionOptions:
         """The options of `attribute`'s keyword extras (same names and defaults);
-        raises ValueError with `attribute`'s messages. `devices` is ignored on
-        Captum's path (engine="captum")."""
+        raises ValueError (TypeError for a `calibration` that is not one) with
+        `attribute`'s messages. `devices` is ignored on Captum's path
+        (engine="captum")."""
+        approximation = Approximation(
+            tau=tau,
+            freeze_global_context=freeze_global_context,
+            drilldown=drilldown,
+            drilldown_factor=drilldown_factor,
+        )
+        if calibration is not None:
+            if not isinstance(calibration, Calibration):
+                raise TypeError(
+                    "calibration must be the Calibration of an earlier call "
+                    f"(last_run.calibration), not {type(calibration).__name__}"
+                )
+            if target_ssim is not None or approximation.plan != EXACT or drilldown is not None:
+                raise ValueError(
+                    "calibration reuses an earlier choice: leave target_ssim, tau, "
+                    "freeze_global_context and drilldown unset"
+                )
+            approximation = _reused(calibration)
         return cls(
             engine=engine,
             settings=EngineSettings(
@@ -104,13 +136,9 @@ class OcclusionOptions:
                 windows_per_batch=windows_per_batch,
                 self_check=self_check,
             ),
-            approximation=Approximation(
-                tau=tau,
-                freeze_global_context=freeze_global_context,
-                drilldown=drilldown,
-                drilldown_factor=drilldown_factor,
-            ),
+            approximation=approximation,
             target_ssim=target_ssim,
+            calibration=calibration,
             region=region,
             devices=None
             if devices is None or engine == "captum"
@@ -146,6 +174,27 @@ class OcclusionOptions:
         if not inside.any():
             raise ValueError(f"no window of the grid lies inside region {tuple(region)}")
         return np.flatnonzero(inside)
+
+
+def check_calibration(call: CaptumArguments, options: OcclusionOptions) -> None:
+    """A reused calibration must come from a call on inputs of the same shape
+    (without the batch dim), with the same window and strides."""
+    calibration = options.calibration
+    if calibration is None:
+        return
+    windows, strides = call.window_shapes()
+    inputs = call.formatted_inputs
+    this_call = (tuple(inputs[0].shape[1:]), tuple(windows[0]), tuple(strides[0]))
+    if calibration.grid != this_call:
+        raise ValueError(
+            "calibration was made for inputs of shape, window and strides "
+            f"{calibration.grid}, not {this_call}"
+        )
+
+
+def _reused(calibration: Calibration) -> Approximation:
+    """A calibration's choice, for other inputs: without its predicted SSIM."""
+    return dataclasses.replace(calibration.approximation, estimated_ssim=None)
 
 
 def check_strides(call: CaptumArguments) -> None:

@@ -59,8 +59,10 @@ APPROXIMATIONS = {
 @pytest.fixture
 def tau_probes(monkeypatch):
     """Calibration tries tau on the small model too (whose plans would save too
-    little for the search), so that its samples run."""
+    little for the search, and its refinement too little to pay for a probe), so
+    that its samples run."""
     monkeypatch.setattr(calibrate, "MIN_TAU_GAIN", 0.0)
+    monkeypatch.setattr(calibrate, "PROBE_PAYBACK", 0.0)
 
 
 def approximate_call():

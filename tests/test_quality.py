@@ -9,6 +9,7 @@ from captum.attr import Occlusion
 from skimage.metrics import structural_similarity
 
 from captum_krypton import IncrementalOcclusion, attribution_ssim
+from captum_krypton.approx.quality import attribution_ssim_many
 from captum_krypton.demo.data import make_dataset, normalize
 from captum_krypton.demo.model import load_demo_model
 
@@ -38,6 +39,26 @@ def test_ssim_fits_its_window_to_small_maps_and_handles_constant_maps():
     assert attribution_ssim(flat + 1, flat).tolist() == [0.0]
     with pytest.raises(ValueError, match="shapes differ"):
         attribution_ssim(flat, small)
+
+
+@pytest.mark.parametrize(
+    "shape", [(4, 3, 48, 48), (3, 1, 32, 29), (2, 2, 20), (2, 3, 9, 10, 11), (2, 3, 5, 5)]
+)
+def test_many_maps_at_once_score_as_scikit_image_does(shape):
+    torch.manual_seed(0)
+    exact = torch.randn(shape)
+    noisy = exact + 0.4 * torch.randn(shape)
+    same_channels = (noisy[:, :1].expand(shape), exact[:, :1].expand(shape))
+    for ours, reference in ((noisy, exact), same_channels):
+        expected = attribution_ssim(ours, reference)
+        np.testing.assert_allclose(attribution_ssim_many(ours, reference), expected, atol=1e-12)
+    one = noisy[:1]  # one map against each of several
+    expected = attribution_ssim(one.expand(shape), exact)
+    np.testing.assert_allclose(attribution_ssim_many(one, exact), expected, atol=1e-12)
+    flat = torch.zeros(2, 3, 8, 8)
+    assert attribution_ssim_many(
+        flat + torch.tensor([0.0, 1.0])[:, None, None, None], flat
+    ).tolist() == [1.0, 0.0]
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet"])

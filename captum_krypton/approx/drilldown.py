@@ -11,6 +11,7 @@ covering windows, as in exact mode, so the result keeps Captum's shape.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -48,29 +49,59 @@ def window_ids(counts: tuple[int, ...], lattice: tuple[np.ndarray, ...]) -> np.n
 def interpolation_matrix(known: np.ndarray, count: int) -> torch.Tensor:
     """(len(known), count) weights: linear interpolation from the known positions
     (sorted, first 0, last count - 1) to every position 0..count-1."""
+    left, right, fraction = _interpolation(tuple(int(k) for k in known), count)
     weights = np.zeros((len(known), count))
-    if len(known) == 1:
-        weights[0] = 1.0
-        return torch.from_numpy(weights)
     positions = np.arange(count)
-    right = np.clip(np.searchsorted(known, positions, side="right"), 1, len(known) - 1)
-    left = right - 1
-    fraction = (positions - known[left]) / (known[right] - known[left])
-    weights[left, positions] += 1.0 - fraction
-    weights[right, positions] += fraction
+    np.add.at(weights, (left, positions), 1.0 - fraction)
+    np.add.at(weights, (right, positions), fraction)
     return torch.from_numpy(weights)
+
+
+@functools.lru_cache(maxsize=64)
+def _interpolation(known: tuple[int, ...], count: int) -> tuple[np.ndarray, ...]:
+    """Per position 0..count-1: the known neighbours' indices (into `known`) on
+    either side and the weight of the right one."""
+    positions = np.arange(count)
+    if len(known) == 1:
+        zero = np.zeros(count, dtype=np.int64)
+        return zero, zero, np.zeros(count)
+    points = np.asarray(known)
+    right = np.clip(np.searchsorted(points, positions, side="right"), 1, len(points) - 1)
+    left = right - 1
+    fraction = (positions - points[left]) / (points[right] - points[left])
+    return left, right, fraction
 
 
 def interpolate(
     counts: tuple[int, ...], lattice: tuple[np.ndarray, ...], values: torch.Tensor
 ) -> torch.Tensor:
     """Values at every grid point (prod(counts), outputs), float64, from values at
-    the lattice points ((prod of lattice sizes), outputs), separably per dim."""
-    field = values.to(torch.float64).cpu().reshape(*(len(a) for a in lattice), values.shape[1])
-    for known, count in zip(lattice, counts):
-        field = torch.tensordot(field, interpolation_matrix(known, count), dims=([0], [0]))
-    # Each contraction moved its dim to the end: (outputs, *counts) now.
-    return field.reshape(values.shape[1], -1).T.contiguous()
+    the lattice points ((prod of lattice sizes), outputs), separably per dim (in
+    numpy, as WindowGrid.accumulate)."""
+    return torch.from_numpy(_interpolate(counts, lattice, _numpy(values)))
+
+
+def _numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        return values.astype(np.float64, copy=False)
+    return values.detach().to(torch.float64).cpu().numpy()
+
+
+def _interpolate(
+    counts: tuple[int, ...], lattice: tuple[np.ndarray, ...], values: np.ndarray
+) -> np.ndarray:
+    outputs = values.shape[1]
+    field = values.reshape(*(len(a) for a in lattice), outputs)
+    for dim, (known, count) in enumerate(zip(lattice, counts)):
+        left, right, fraction = _interpolation(tuple(int(k) for k in known), count)
+        view = [1] * field.ndim
+        view[dim] = -1
+        weight = fraction.reshape(view)
+        field = (
+            np.take(field, left, axis=dim) * (1.0 - weight)
+            + np.take(field, right, axis=dim) * weight
+        )
+    return np.ascontiguousarray(field.reshape(-1, outputs))
 
 
 def refinement_scores(
@@ -81,15 +112,15 @@ def refinement_scores(
     differences around it (how far interpolation can be off), the largest over
     outputs. (windows,), float64."""
     sizes = tuple(len(axis) for axis in lattice)
-    values = lattice_diffs.to(torch.float64).cpu().numpy().reshape(*sizes, -1)
+    values = _numpy(lattice_diffs).reshape(*sizes, -1)
     neighbourhood = (3,) * len(sizes) + (1,)  # lattice neighbours, per output
     spread = ndimage.maximum_filter(values, neighbourhood, mode="nearest") - (
         ndimage.minimum_filter(values, neighbourhood, mode="nearest")
     )
     flat = values.shape[-1]
-    estimate = interpolate(counts, lattice, torch.from_numpy(values.reshape(-1, flat)))
-    uncertainty = interpolate(counts, lattice, torch.from_numpy(spread.reshape(-1, flat)))
-    return (estimate.abs() + uncertainty).amax(dim=1)
+    estimate = _interpolate(counts, lattice, values.reshape(-1, flat))
+    uncertainty = _interpolate(counts, lattice, spread.reshape(-1, flat))
+    return torch.from_numpy((np.abs(estimate) + uncertainty).max(axis=1))
 
 
 def refinement_order(scores: torch.Tensor, fraction: float, computed: np.ndarray) -> np.ndarray:
@@ -110,6 +141,5 @@ def compose(
 ) -> torch.Tensor:
     """Every window's difference: computed where `computed`, else interpolated from
     the lattice. diffs: (windows, outputs) with rows of computed windows filled."""
-    estimate = interpolate(counts, lattice, lattice_diffs)
-    mask = torch.from_numpy(computed)
-    return torch.where(mask[:, None], diffs.to(torch.float64).cpu(), estimate)
+    estimate = _interpolate(counts, lattice, _numpy(lattice_diffs))
+    return torch.from_numpy(np.where(computed[:, None], _numpy(diffs), estimate))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 #: scikit-image's default Gaussian-free window side.
@@ -47,3 +48,79 @@ def attribution_ssim(approximate: torch.Tensor, exact: torch.Tensor) -> np.ndarr
             )
         )
     return np.asarray(scores)
+
+
+def attribution_ssim_many(
+    approximate: torch.Tensor | np.ndarray, exact: torch.Tensor | np.ndarray
+) -> np.ndarray:
+    """`attribution_ssim` of many maps at once: scikit-image's formula (uniform
+    window, sample covariance, the window's half-width left out at the borders,
+    the mean over channels), vectorized for the calibration's many
+    comparisons (torch's intra-op threads would wait for each other at every
+    small op on a busy CPU). exact: (maps, C, *spatial); approximate: the same,
+    or one map (1, C, *spatial) compared with each. Returns (maps,). Maps with no
+    spatial dims, more than three, or too small for a 3-wide window go to
+    `attribution_ssim`."""
+    if approximate.shape != exact.shape and (
+        approximate.shape[0] != 1 or approximate.shape[1:] != exact.shape[1:]
+    ):
+        raise ValueError(f"shapes differ: {tuple(approximate.shape)} vs {tuple(exact.shape)}")
+    ours, reference = _float64(approximate), _float64(exact)
+    if (ours == ours[:, :1]).all() and (reference == reference[:, :1]).all():
+        ours, reference = ours[:, :1], reference[:, :1]  # the same map on every channel
+    spatial = ours.ndim - 2
+    side = min(ours.shape[2:], default=0)
+    window = min(DEFAULT_WINDOW, side if side % 2 else side - 1)
+    if not 1 <= spatial <= 3 or window < 3:
+        ours = np.broadcast_to(ours, reference.shape).copy()
+        return attribution_ssim(torch.from_numpy(ours), torch.from_numpy(reference))
+
+    half = (window - 1) // 2
+    inside = (slice(None),) * 3 + (slice(half, -half),) * spatial
+    size = (1, 1, 1) + (window,) * spatial
+
+    def mean(x: np.ndarray) -> np.ndarray:
+        """scipy's uniform filter, as scikit-image filters, on the part it keeps."""
+        return ndimage.uniform_filter(x, size)[inside]
+
+    flat = reference.reshape(len(reference), -1)
+    data_range = flat.max(axis=1) - flat.min(axis=1)
+    shape = (-1,) + (1,) * (spatial + 1)
+    points = window**spatial
+    covariance = points / (points - 1)
+    if len(ours) == len(reference):
+        products = np.stack([ours, reference, ours * ours, reference * reference, ours * reference])
+        ux, uy, uxx, uyy, uxy = mean(products)
+    else:  # one map against many: its own means once
+        ux, uxx = mean(np.stack([ours, ours * ours]))
+        uy, uyy, uxy = mean(np.stack([reference, reference * reference, ours * reference]))
+    vx = covariance * (uxx - ux * ux)
+    vy = covariance * (uyy - uy * uy)
+    vxy = covariance * (uxy - ux * uy)
+    c1 = (0.01 * data_range).reshape(shape) ** 2
+    c2 = (0.03 * data_range).reshape(shape) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+    scores = score.reshape(*score.shape[:2], -1).mean(axis=2).mean(axis=1)
+    constant = data_range == 0
+    if constant.any():
+        equal = (ours == reference).reshape(len(reference), -1).all(axis=1).astype(np.float64)
+        scores = np.where(constant, equal, scores)
+    return scores
+
+
+def _float64(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        return values.astype(np.float64, copy=False)
+    return values.detach().double().cpu().numpy()
+
+
+def _float64(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        return values.astype(np.float64, copy=False)
+    return values.detach().double().cpu().numpy()
+
+
+def _along(axis: int, part: slice) -> tuple:
+    """An index taking `part` of `axis` and all of the axes before it."""
+    return (slice(None),) * axis + (part,)

@@ -20,10 +20,12 @@ class Approximation:
         network's final pooling into the output is never frozen.
     drilldown: fraction in (0, 1] of the windows computed at the requested stride,
         those where a coarse pass found the largest attributions; None: all windows.
+        Where a target SSIM chose it, its own call computed as many windows, some
+        of them at random positions (the calibration's sample).
     drilldown_factor: the coarse pass computes every `drilldown_factor`-th window
         along each spatial dim.
     estimated_ssim: when a target SSIM chose these settings, the SSIM vs exact
-        that the calibration predicts.
+        that the calibration predicts for its own call.
     """
 
     tau: float = 1.0

@@ -270,18 +270,11 @@ class PreparedOcclusion:
         total, count = self.grid.accumulate(diffs)
         return total.to(dtype).float() / count.float()
 
-    def cell_heatmap(self, diffs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`attribution_from`, kept on the CPU and averaged over stride-sized cells
-        (where a window's edges fall on stride multiples, every position of a cell
-        is covered by the same windows): what calibration compares, at a fraction
-        of the cost of full-resolution SSIM."""
-        heatmap = self._average(diffs, dtype)
-        spatial = heatmap.dim() - 2
-        strides = self.grid.strides[1:]
-        if 1 <= spatial <= 3 and any(s > 1 for s in strides):
-            pool = getattr(torch.nn.functional, f"avg_pool{spatial}d")
-            heatmap = pool(heatmap, strides, strides, ceil_mode=True)
-        return heatmap
+    def cpu_attribution(self, diffs: torch.Tensor) -> torch.Tensor:
+        """`attribution_from` in float64 on the CPU (computed in numpy), without
+        Captum's rounding to the output's dtype: what calibration compares."""
+        total, count = self.grid.accumulate(diffs)
+        return torch.from_numpy(total.numpy() / count.numpy())
 
     def partial_attribution(
         self, diffs: torch.Tensor, computed: np.ndarray, dtype: torch.dtype

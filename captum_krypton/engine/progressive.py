@@ -24,7 +24,7 @@ import torch
 from captum._utils.typing import TargetType
 
 from captum_krypton.approx import drilldown as dd
-from captum_krypton.approx.calibrate import Calibration, calibrate
+from captum_krypton.approx.calibrate import Calibration, calibrate, first_windows
 from captum_krypton.approx.settings import Approximation
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.self_check import SelfCheckReport, WindowCheck
@@ -86,6 +86,8 @@ class OcclusionReport:
     windows_total: int
     seconds: float
     cancelled: bool = False
+    #: What this call's calibration (`target_ssim`) measured and chose; None where
+    #: none ran (also where an earlier calibration was reused).
     calibration: Calibration | None = None
     #: The global statistics that kept the clean run's values (frozen global
     #: context), by node name; empty where nothing was frozen.
@@ -162,26 +164,32 @@ class ProgressiveRun:
         self._planned = len(ids)
         self._stage: Stage = "exact" if self.approximation.exact else "approximate"
         if drilling:
-            self._lattice = dd.coarse_lattice(grid.counts, self.approximation.drilldown_factor)
-            self._lattice_ids = dd.window_ids(grid.counts, self._lattice)
+            self._set_lattice(self.approximation.drilldown_factor)
+            if self._target_ssim is not None:  # the calibration's sample runs with it
+                ids = first_windows(grid.counts, self.approximation.drilldown_factor)
+            else:
+                ids = self._lattice_ids
         check = None
         if self._verify is not None and first.plan.exact:  # exact first pass
-            check = self._verify(self._lattice_ids if drilling else ids)
+            check = self._verify(ids)
         calibration = None
         cancelled = False
         try:
             if not drilling:
                 yield from self._compute(first.plan.approximation, ids, self._stage, True)
             else:
-                self._set_planned(len(self._lattice_ids))
-                yield from self._compute(EXACT, self._lattice_ids, "coarse", False)
+                self._set_planned(len(ids))
+                yield from self._compute(EXACT, ids, "coarse", False)
                 if self._target_ssim is not None:
-                    calibration = self._calibrate(first)
+                    calibration = self._calibrate(first, ids)
                     self.approximation = calibration.approximation
-                scores = dd.refinement_scores(grid.counts, self._lattice, self._coarse_diffs())
-                order = dd.refinement_order(
-                    scores, self.approximation.drilldown or 1.0, self._computed
-                )
+                    self._set_lattice(self.approximation.drilldown_factor)
+                    order = calibration.refine
+                else:
+                    scores = dd.refinement_scores(grid.counts, self._lattice, self._coarse_diffs())
+                    order = dd.refinement_order(
+                        scores, self.approximation.drilldown or 1.0, self._computed
+                    )
                 self._set_planned(int(self._computed.sum()) + len(order))
                 yield from self._compute(self.approximation.plan, order, "refine", True)
         except _Cancelled:
@@ -213,6 +221,13 @@ class ProgressiveRun:
         )
 
     # ------------------------------------------------------------ internals
+    def _set_lattice(self, factor: int) -> None:
+        """Drill-down's coarse lattice at spacing `factor` (the calibration may make
+        it finer than the call's)."""
+        self._lattice = dd.coarse_lattice(self._grid.counts, factor)
+        self._lattice_ids = dd.window_ids(self._grid.counts, self._lattice)
+        self._lattice_diffs = None
+
     def _set_planned(self, planned: int) -> None:
         self._planned = planned
         if self._on_planned is not None:
@@ -256,6 +271,8 @@ class ProgressiveRun:
         ids of each finished part: a batch here, or, computed elsewhere, all that
         were computed (fewer once the run is cancelled). Closing it between parts
         leaves the finished rows in place."""
+        if not len(ids):
+            return
         if self._compute_elsewhere is not None:
             yield self._compute_elsewhere(approximation, ids, table, on_batch, self._cancelled)
             return
@@ -337,8 +354,25 @@ class ProgressiveRun:
             return first.attribution_from(composed, self._dtype)
         return first.partial_attribution(self._diffs, self._computed, self._dtype)
 
-    def _calibrate(self, exact: PreparedOcclusion) -> Calibration:
-        assert self._lattice is not None
+    def _calibrate(self, exact: PreparedOcclusion, first: np.ndarray) -> Calibration:
+        """The target SSIM's calibration after the first pass computed windows
+        `first`; the exact windows it asks for are computed into the table."""
+        assert self._target_ssim is not None
+
+        computing = [0.0]  # seconds spent on windows of the map
+
+        def exact_diffs(ids: np.ndarray) -> torch.Tensor:
+            new = ids[~self._computed[ids]]
+            if len(new):
+                started = time.perf_counter()
+                self._set_planned(self._planned + len(new))
+                for done in self._batches(EXACT, new, self._diffs, self._on_batch):
+                    self._computed[done] = True
+                    self._exact[done] = True
+                    self._check_cancel()
+                computing[0] += time.perf_counter() - started
+            rows = torch.from_numpy(ids).to(self._diffs.device)
+            return self._diffs[rows].to(torch.float64).cpu()
 
         def run_with(approximation: PlanApproximation, ids: np.ndarray) -> torch.Tensor:
             scratch = torch.empty_like(self._diffs)
@@ -353,22 +387,30 @@ class ProgressiveRun:
                 costs[approximation] = self._prepare(approximation).plan.cost_per_row
             return costs[approximation]
 
-        frozen = PlanApproximation(freeze_global_context=True)
-
         def heatmap(diffs: torch.Tensor) -> torch.Tensor:
-            return exact.cell_heatmap(diffs, self._dtype)
+            return exact.cpu_attribution(diffs)
 
-        return calibrate(
+        frozen = PlanApproximation(freeze_global_context=True)
+        started = time.perf_counter()
+        # The frozen plan is made only where the model has global statistics at all.
+        offers_frozen_context = bool(exact.plan.global_context.statistics) and bool(
+            self._prepare(frozen).plan.frozen.statistics
+        )
+        calibration = calibrate(
             self._target_ssim,
             self._grid.counts,
-            self._lattice,
-            self._coarse_diffs(),
+            self.approximation.drilldown_factor,
+            first,
+            exact_diffs,
             heatmap,
             run_with,
             seconds_per_window,
-            self.approximation.drilldown_factor,
-            offers_frozen_context=bool(self._prepare(frozen).plan.frozen.statistics),
+            offers_frozen_context,
         )
+        calibration.seconds = time.perf_counter() - started - computing[0]
+        grid = self._grid
+        calibration.grid = (grid.shape, grid.window, grid.strides)
+        return calibration
 
 
 class _Cancelled(Exception):

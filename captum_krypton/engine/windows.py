@@ -53,26 +53,48 @@ class WindowGrid:
         lo, hi = self.all_bounds
         return Geometry.from_bounds(lo[:, 1:], hi[:, 1:], tuple(self.shape[1:]))
 
-    def coverage(self, dim: int) -> torch.Tensor:
-        """(windows along dim, size of dim) 0/1 matrix: which positions each covers."""
-        starts = np.arange(self.counts[dim]) * self.strides[dim]
-        positions = np.arange(self.shape[dim])
-        covered = (positions >= starts[:, None]) & (positions < starts[:, None] + self.window[dim])
-        return torch.from_numpy(covered.astype(np.float64))
+    @functools.cached_property
+    def _covering(self) -> tuple[tuple[tuple[np.ndarray, np.ndarray], ...], ...]:
+        """Per dim, per k < ceil(window / stride): the window k places before the
+        last one starting at or before each position, and whether it covers it."""
+        per_dim = []
+        for size, count, window, stride in zip(self.shape, self.counts, self.window, self.strides):
+            positions = np.arange(size)
+            last = np.minimum(positions // stride, count - 1)
+            shifts = []
+            for k in range(-(-window // stride)):
+                index = last - k
+                covers = (index >= 0) & (index * stride + window > positions)
+                shifts.append((np.clip(index, 0, count - 1), covers.astype(np.float64)))
+            per_dim.append(tuple(shifts))
+        return tuple(per_dim)
 
     def accumulate(self, diffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of each window's output difference over the positions it covers, and counts.
 
-        diffs: (num_windows, outputs). The sum over windows is separable per dim,
-        so it is a chain of small matrix products rather than a loop over windows.
+        diffs: (num_windows, outputs). The sum is separable per dim: along each,
+        a position sums the few windows that cover it (at most ceil(window /
+        stride)), gathered in numpy. Neither BLAS nor torch's thread pool: their
+        threads wait for each other, and for the machine, around such small work.
         """
-        total = diffs.to(torch.float64).cpu().reshape(*self.counts, diffs.shape[1])
-        count = torch.ones((), dtype=torch.float64)
-        for dim in range(len(self.shape)):
-            matrix = self.coverage(dim)
-            total = torch.tensordot(total, matrix, dims=([0], [0]))
-            count = count.unsqueeze(-1) * matrix.sum(dim=0)
-        return total, count
+        total = diffs.detach().to(torch.float64).cpu().numpy()
+        total = total.reshape(*self.counts, diffs.shape[1])
+        counts = []
+        # Dims whose windows span them (one window: every channel) grow the most: last.
+        for dim in sorted(range(len(self.shape)), key=lambda d: self.shape[d] / self.counts[d]):
+            summed, covering = 0.0, 0.0
+            view = [1] * total.ndim
+            view[dim] = -1
+            for index, covers in self._covering[dim]:
+                summed = summed + np.take(total, index, axis=dim) * covers.reshape(view)
+                covering = covering + covers
+            total = summed
+            counts.append((dim, covering))
+        count = np.ones(())
+        for _, covering in sorted(counts, key=lambda c: c[0]):
+            count = count[..., None] * covering
+        total = np.moveaxis(total, -1, 0)  # (outputs, *shape)
+        return torch.from_numpy(np.ascontiguousarray(total)), torch.from_numpy(count)
 
     def occluded_tiles(
         self,
