@@ -372,7 +372,9 @@ def conv_region(
         return out
     shape_key = (channels_in, channels_out, *_padded3(weight.shape[2:], 1), view.dtype)
     key = (*shape_key, *flags.values(), view.device)
-    compiling = _compiled(key, _stand_ins(args), flags, view.device, background)
+    compiling = _compiles.get(key)  # stand-ins only for a kernel not compiled yet
+    if compiling is None:
+        compiling = _compiled(key, _stand_ins(args), flags, view.device, background)
     if background and not compiling.done():
         raise choice.CandidatePending(compiling)
     if background and _in_flight:  # measured once no compilation competes for the CPU
