@@ -206,3 +206,31 @@ def test_background_compilations_are_tracked_until_they_end(monkeypatch):
             break
         threading.Event().wait(0.01)
     assert triton_conv._in_flight == []
+
+
+def test_a_chosen_candidate_waits_for_every_compilation_it_defers_to(cache_file, measured):
+    """A compiled kernel still defers to compilations in flight elsewhere: a
+    candidate already chosen waits for its own compilation and then for the
+    others, and never hands CandidatePending to its caller."""
+    key = ("conv", 128, (16, 9, 9))
+    others = [Future(), Future()]
+    own = Future()
+    runs = []
+
+    def gemm():
+        for future in (own, *others):
+            if not future.done():
+                raise choice.CandidatePending(future)
+        runs.append("implicit_gemm")
+        return "implicit_gemm"
+
+    choice._chosen[key] = "implicit_gemm"
+    try:
+        for delay, future in zip((0.02, 0.04, 0.06), (own, *others)):
+            threading.Timer(delay, future.set_result, (None,)).start()
+        assert choice.fastest(key, {"cudnn": lambda: "cudnn", "implicit_gemm": gemm}, GPU) == (
+            "implicit_gemm"
+        )
+        assert runs == ["implicit_gemm"]
+    finally:
+        del choice._chosen[key]

@@ -124,6 +124,10 @@ class Views:
 class BatchRun:
     """One batch of windows through the plan: what rules call to read and compute."""
 
+    #: Diagnostics only (benchmarks/profile_layers.py): when set, called with each
+    #: node and True before the batch evaluates it, False after. None normally.
+    node_hook: Callable[[fx.Node, bool], None] | None = None
+
     def __init__(
         self,
         plan: RegionPlan,
@@ -404,8 +408,11 @@ class BatchRun:
         plan = self.plan
         if plan.rerun_whole_model:
             return self._rerun_whole_model()
+        hook = BatchRun.node_hook
         for step, node in enumerate(plan.order):
             node_plan = plan.nodes[node]
+            if hook is not None:
+                hook(node, True)
             if node is plan.captured.input_node:
                 value = self._input_tiles(self)
             elif node.op == "output":
@@ -415,6 +422,8 @@ class BatchRun:
             else:
                 value = node_plan.rule.run_full(self, node_plan.info)
             self.values[node] = value
+            if hook is not None:
+                hook(node, False)
             for arg in node.all_input_nodes:
                 if plan.last_use.get(arg) == step:
                     self.values.pop(arg, None)

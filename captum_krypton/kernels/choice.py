@@ -62,12 +62,14 @@ class CandidatePending(Exception):
 
 
 def _run_ready(run: Callable[[], T]) -> T:
-    """`run`, waiting for its compilation where it is pending."""
-    try:
-        return run()
-    except CandidatePending as pending:
-        pending.wait()
-        return run()
+    """`run`, waiting for as long as it is pending: its own compilation first,
+    then any other it waits on (a compiled kernel still defers to compilations
+    in flight elsewhere, see kernels.triton_conv)."""
+    while True:
+        try:
+            return run()
+        except CandidatePending as pending:
+            pending.wait()
 
 
 def choice_cache_path(device: torch.device) -> Path | None:

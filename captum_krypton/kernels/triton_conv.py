@@ -377,8 +377,9 @@ def conv_region(
         compiling = _compiled(key, _stand_ins(args), flags, view.device, background)
     if background and not compiling.done():
         raise choice.CandidatePending(compiling)
-    if background and _in_flight:  # measured once no compilation competes for the CPU
-        raise choice.CandidatePending(_in_flight[0])
+    running = [f for f in _in_flight if not f.done()] if background else []
+    if running:  # measured once no compilation competes for the CPU
+        raise choice.CandidatePending(running[0])
     if compiling.exception() is not None:
         raise RuntimeError(f"the conv kernel did not compile: {compiling.exception()}")
 
