@@ -136,6 +136,7 @@ class BatchRun:
         input_tiles: Callable[[BatchRun], torch.Tensor],
         extra_inputs: dict[fx.Node, Any],
         use_triton: bool = False,
+        full_channels_last: bool = False,
     ):
         self.plan = plan
         self.views = views
@@ -151,6 +152,8 @@ class BatchRun:
         self._extra_inputs = extra_inputs
         self.use_triton = use_triton
         self.kernels = region_kernels(use_triton)
+        # Boxes projected to full values are written channels-last (see RegionPlan).
+        self.full_channels_last = full_channels_last
 
     # ------------------------------------------------------------ geometry
     def starts(self, node: fx.Node) -> torch.Tensor:
@@ -350,15 +353,24 @@ class BatchRun:
             )
             value = _empty_in_layout(clean, shape)
             return value.copy_(from_channels_first(whole, dims, shape))
-        # In the clean value's own memory format: models may `.view` it.
-        value = torch.empty(shape, dtype=clean.dtype, device=clean.device)
-        if not self.use_triton and clean.dim() in (4, 5):
-            value = value.contiguous(memory_format=_memory_format(clean))
+        value = torch.empty(
+            shape, dtype=clean.dtype, device=clean.device, memory_format=self._full_format(clean)
+        )
         self.kernels.compose_region(
             clean, self.example, torch.zeros_like(starts), tuple(clean.shape[2:]), 0.0, box,
             starts, out=value,
         )  # fmt: skip
         return value
+
+    def _full_format(self, clean: torch.Tensor) -> torch.memory_format:
+        """The memory format of a projected full value: channels-last where the plan
+        found the model runs on it, else the clean value's own (models may `.view`
+        it; the Triton kernels write NCHW projections with positions innermost)."""
+        if clean.dim() not in (4, 5):
+            return torch.contiguous_format
+        if self.full_channels_last:
+            return torch.channels_last if clean.dim() == 4 else torch.channels_last_3d
+        return torch.contiguous_format if self.use_triton else _memory_format(clean)
 
     def _example_rows(self, value: Any) -> Any:
         """A clean value with one row per example, repeated for every row of the batch."""

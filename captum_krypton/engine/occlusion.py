@@ -243,18 +243,50 @@ class PreparedOcclusion:
             self.inputs, self.baseline, run.starts(node), run.size(node), *per_row
         )
 
-    def batch_run(self, window_ids: torch.Tensor) -> BatchRun:
+    def batch_run(
+        self, window_ids: torch.Tensor, full_channels_last: bool | None = None
+    ) -> BatchRun:
         extra = dict(self.captured.placeholder_values)
-        return BatchRun(self.plan, self.views, window_ids, self.input_tiles, extra, self.use_triton)
+        if full_channels_last is None:
+            full_channels_last = bool(self.plan.full_channels_last)
+        return BatchRun(
+            self.plan,
+            self.views,
+            window_ids,
+            self.input_tiles,
+            extra,
+            self.use_triton,
+            full_channels_last,
+        )
 
     def run_windows(self, first: int, count: int) -> torch.Tensor:
         """Model output for each (window, example) row of windows [first, first + count)."""
         return self.run_window_ids(torch.arange(first, first + count, device=self.inputs.device))
 
     def run_window_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Model output for each (window, example) row of the given windows."""
+        """Model output for each (window, example) row of the given windows.
+
+        On CUDA the first batch of a plan tries its full-mode values channels-last;
+        where the model's ops refuse that layout (a `.view` that needs the clean
+        layout's strides), the plan keeps the clean values' layout."""
+        plan = self.plan
         with torch.no_grad():
+            if plan.full_channels_last is None and self._tries_channels_last():
+                try:
+                    output = self.batch_run(ids, full_channels_last=True).run()
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except RuntimeError:
+                    plan.full_channels_last = False
+                else:
+                    plan.full_channels_last = True
+                    return output
             return self.batch_run(ids).run()
+
+    def _tries_channels_last(self) -> bool:
+        """Whether full-mode values may go channels-last: on CUDA, where cuDNN and
+        the Triton kernels are fastest on it."""
+        return self.inputs.is_cuda
 
     def initial_outputs(self, target: TargetType) -> torch.Tensor:
         """The clean run's selected outputs, flattened to (1, outputs)."""

@@ -77,6 +77,10 @@ class RegionPlan:
     #: checked, what the batch check measured, or the failure to raise again.
     #: Incremental or plain re-inference, as measured on CUDA (engine/path_choice.py).
     path_choice: Any = None
+    #: On CUDA: whether values evaluated in full are made channels-last (the layout
+    #: cuDNN runs fastest, and the one plain re-inference gets) instead of the clean
+    #: values' layout; None until a first batch has tried it (engine/occlusion.py).
+    full_channels_last: bool | None = None
     batch_layout_checked: bool = False
     batch_behaviour: Any = None
     batch_failure: Exception | None = None
