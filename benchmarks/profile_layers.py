@@ -25,7 +25,7 @@ import json
 import os
 import pstats
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ from captum_krypton import IncrementalOcclusion, kernels
 from captum_krypton.capture import evaluate
 from captum_krypton.engine.executor import BatchRun
 from captum_krypton.engine.windows import WindowGrid
+from captum_krypton.kernels import choice
 from captum_krypton.ops import FUSED_RULE
 
 
@@ -67,15 +68,16 @@ def engine_node_times(
     occlusion: IncrementalOcclusion, call: dict, clock: Clock
 ) -> tuple[dict, float]:
     """Device ms per node name over one call, and the call's wall seconds."""
-    events: list[tuple[str, Any, Any]] = []
-    open_events: dict[fx.Node, Any] = {}
+    events: list[tuple[str, Any, Any, float]] = []
+    open_events: dict[fx.Node, tuple[Any, float]] = {}
 
     def hook(node: fx.Node, before: bool) -> None:
-        event = clock.mark()
+        event, now = clock.mark(), time.perf_counter()
         if before:
-            open_events[node] = event
+            open_events[node] = (event, now)
         elif node in open_events:
-            events.append((node.name, open_events.pop(node), event))
+            start, host_start = open_events.pop(node)
+            events.append((node.name, start, event, now - host_start))
 
     BatchRun.node_hook = hook
     try:
@@ -87,8 +89,9 @@ def engine_node_times(
     finally:
         BatchRun.node_hook = None
     times: dict[str, float] = defaultdict(float)
-    for name, start, end in events:
+    for name, start, end, host in events:
         times[name] += clock.ms(start, end)
+        times["host:" + name] += host * 1e3
     return dict(times), wall
 
 
@@ -155,6 +158,7 @@ def layer_rows(plan: Any, engine: dict[str, float], naive: dict[str, float]) -> 
             node_plan.flops_incremental if node_plan.mode == "box" else node_plan.flops_full
         )
         row["engine_ms"] += engine.get(node.name, 0.0)
+        row["host_ms"] = row.get("host_ms", 0.0) + engine.get("host:" + node.name, 0.0)
         row["naive_ms"] += naive.get(node.name, 0.0)
     result = []
     for row in rows.values():
@@ -245,6 +249,10 @@ def profile_model(name: str, args: argparse.Namespace) -> dict:
         "naive_node_ms": sum(r["naive_ms"] for r in layers),
         "ideal_ms": sum(r["ideal_ms"] for r in layers),
         "layers": layers,
+        "host_node_ms": sum(r["host_ms"] for r in layers),
+        # How many of the kernel choices made so far (this process) went to each
+        # candidate: cuDNN ("tile+conv", "tile+conv_relu"), Triton ("implicit_gemm").
+        "chosen": dict(Counter(choice._chosen.values())),
     }
     if args.call_profile:
         result["calls"] = {"exact": call_profile(occlusion, call, args.top, clock)}
@@ -263,7 +271,8 @@ def print_model(result: dict, rows: int) -> None:
         f"\n## {result['model']}: call {result['call_s'] * 1e3:.1f} ms "
         f"(with events {result['call_with_events_s'] * 1e3:.1f}), node GPU time "
         f"{result['engine_node_ms']:.1f} ms, naive nodes {result['naive_node_ms']:.1f} ms, "
-        f"ideal {result['ideal_ms']:.1f} ms, FLOP limit {result['flop_limit']:.2f}x"
+        f"ideal {result['ideal_ms']:.1f} ms, FLOP limit {result['flop_limit']:.2f}x, "
+        f"host time in nodes {result['host_node_ms']:.1f} ms, choices {result['chosen']}"
     )
     by_op: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
     for layer in result["layers"]:
@@ -273,12 +282,13 @@ def print_model(result: dict, rows: int) -> None:
     print("| op | engine ms | naive ms | ideal ms | excess ms |\n|---|---|---|---|---|")
     for op, (e, n, i) in sorted(by_op.items(), key=lambda kv: -(kv[1][0] - kv[1][2]))[:rows]:
         print(f"| {op} | {e:.2f} | {n:.2f} | {i:.2f} | {e - i:.2f} |")
-    print("| node | ops | mode | box | engine ms | naive ms | ideal ms | excess |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| node | ops | mode | box | engine ms | host ms | naive ms | ideal ms | excess |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for layer in sorted(result["layers"], key=lambda r: -r["excess_ms"])[:rows]:
         print(
             f"| {layer['node']} | {'+'.join(layer['ops'])} | {layer['mode']} | {layer['box']} "
-            f"| {layer['engine_ms']:.2f} | {layer['naive_ms']:.2f} | {layer['ideal_ms']:.2f} "
+            f"| {layer['engine_ms']:.2f} | {layer['host_ms']:.2f} | {layer['naive_ms']:.2f} "
+            f"| {layer['ideal_ms']:.2f} "
             f"| {layer['excess_ms']:.2f} |"
         )
     for label, call in result.get("calls", {}).items():
