@@ -130,3 +130,49 @@ def test_bad_approximation_settings_are_refused(options, message):
         IncrementalOcclusion(models.small_cnn()).attribute(
             torch.randn(1, 3, 8, 8), **ARGS, **options
         )
+
+
+def test_calibration_probes_tau_only_where_asked():
+    """Where the plans promise tau a large saving, the calibration probes it; with
+    no thresholds to try (CUDA, where tau never paid for its probe) it runs no
+    probe and keeps tau 1."""
+    import torch
+
+    from captum_krypton.approx import calibrate as cal
+    from captum_krypton.plan import EXACT
+
+    counts = (1, 24, 24)
+    # Detail finer than any lattice: drill-down leaves most windows to compute,
+    # which a cheaper plan would speed up.
+    field = np.random.default_rng(0).normal(size=(24, 24))
+    exact = torch.from_numpy(field.reshape(-1, 1))
+
+    def heatmap(diffs):  # (windows, k) -> k maps of one channel
+        return diffs.reshape(24, 24, -1).permute(2, 0, 1)[:, None].to(torch.float64)
+
+    def run(tau_probes):
+        probed = []
+
+        def run_with(approximation, ids):
+            probed.append(approximation.tau)
+            return exact[torch.from_numpy(ids)] * 1.001
+
+        calibration = cal.calibrate(
+            0.9,
+            counts,
+            4,
+            cal.first_windows(counts, 4),
+            lambda ids: exact[torch.from_numpy(ids)],
+            heatmap,
+            run_with,
+            lambda approximation: 1.0 if approximation == EXACT else 0.1,
+            tau_probes=tau_probes,
+        )
+        return probed, calibration
+
+    probed, calibration = run(cal.TAU_PROBES)
+    assert probed and calibration.windows_run > 0
+    probed, calibration = run(cal.tau_probes_for(torch.device("cuda")))
+    assert probed == [] and calibration.windows_run == 0
+    assert calibration.approximation.tau == 1.0
+    assert cal.tau_probes_for(torch.device("cpu")) == cal.TAU_PROBES

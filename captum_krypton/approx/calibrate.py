@@ -54,9 +54,12 @@ LEVELS = ((None, 0.05, 0.5, 8), (2, 0.2, 0.1, 4))
 MIN_SAMPLE = 8
 #: Fractions of all windows refined at the requested stride, on top of the sample.
 FRACTION_CANDIDATES = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
-#: The thresholds calibration tries, largest first. On a GPU a probe costs about
-#: a whole small batch, and tau saves less there than its FLOPs suggest, so the
-#: list is short.
+#: The thresholds calibration tries, largest first, on the CPU. On CUDA it tries
+#: none (`tau_probes_for`): tau ran at 0.75-1.24x exact mode's speed on vgg16,
+#: resnet18, efficientnet_b0 and inception_v3 on an H200
+#: (benchmarks/results/approximate_issue16.json; the early layers, where the
+#: time goes, have boxes far below any cap), so a probe, a whole small batch
+#: there, never pays; drill-down and frozen global context are what pay.
 TAU_PROBES = (0.6, 0.4)
 #: Errors of frozen context and tau are measured on coarse maps, which hide some
 #: of the fine grid's error: they count at 1 / SAFETY.
@@ -119,6 +122,11 @@ class Calibration:
     )
 
 
+def tau_probes_for(device: torch.device) -> tuple[float, ...]:
+    """The tau thresholds a calibration on `device` tries (see TAU_PROBES)."""
+    return () if device.type == "cuda" else TAU_PROBES
+
+
 def first_windows(counts: tuple[int, ...], factor: int) -> np.ndarray:
     """Ids of the windows a calibrated run computes first, exactly: the lattice of
     the first level tried and its random sample (sorted); the call's lattice
@@ -142,6 +150,7 @@ def calibrate(
     run_with: Callable[[PlanApproximation, np.ndarray], torch.Tensor],
     seconds_per_window: Callable[[PlanApproximation], float],
     offers_frozen_context: bool = False,
+    tau_probes: tuple[float, ...] = TAU_PROBES,
 ) -> Calibration:
     """Settings meeting `target_ssim` at the least estimated cost.
 
@@ -152,7 +161,8 @@ def calibrate(
     -> Captum-shaped map; run_with: (plan approximations, window ids) -> their
     differences with those (not kept); seconds_per_window: a plan's estimated
     cost per window with those approximations; offers_frozen_context: whether
-    the model has global statistics to freeze.
+    the model has global statistics to freeze; tau_probes: the thresholds to
+    try, largest first (`tau_probes_for` the device).
     """
     known = _Known(counts, first, exact_diffs)
     num_windows = known.num_windows
@@ -226,7 +236,7 @@ def calibrate(
         calibration.frozen_context_error = plan_error(frozen)
         if refined(frozen) is not None:
             base = frozen
-    for tau in TAU_PROBES:
+    for tau in tau_probes:
         probe = PlanApproximation(tau, base.freeze_global_context)
         if not pays(base, probe):
             break

@@ -24,7 +24,12 @@ import torch
 from captum._utils.typing import TargetType
 
 from captum_krypton.approx import drilldown as dd
-from captum_krypton.approx.calibrate import Calibration, calibrate, first_windows
+from captum_krypton.approx.calibrate import (
+    Calibration,
+    calibrate,
+    first_windows,
+    tau_probes_for,
+)
 from captum_krypton.approx.settings import Approximation
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.self_check import SelfCheckReport, WindowCheck
@@ -406,6 +411,7 @@ class ProgressiveRun:
             run_with,
             seconds_per_window,
             offers_frozen_context,
+            tau_probes_for(self._diffs.device),
         )
         calibration.seconds = time.perf_counter() - started - computing[0]
         grid = self._grid
