@@ -159,7 +159,8 @@ class IncrementalOcclusion(Occlusion):
                 at least 2; 4 suits 224-pixel inputs with 16-pixel windows, maps
                 with finer detail than the coarse spacing want 2; with
                 `target_ssim`, the first spacing tried. Default: 4
-            target_ssim (float, optional): In (0, 1): choose `tau`,
+            target_ssim (float, optional): In (0, 1): choose `tau` (on the
+                CPU: on CUDA it was measured not to pay),
                 `freeze_global_context` (where the model has global context to
                 freeze), `drilldown` and `drilldown_factor` (this one or 2) by a
                 calibration on these inputs so that the heatmap's SSIM vs exact

@@ -47,3 +47,24 @@ def test_input_geometry_shifts_cut_off_windows_inward():
     lo, hi = grid.bounds(np.arange(grid.num_windows))
     assert (geometry.starts <= lo[:, 1:]).all()
     assert (geometry.starts + 4 >= hi[:, 1:]).all()
+
+
+@pytest.mark.parametrize(
+    "shape, window, strides",
+    [((3, 20, 17), (3, 5, 4), (1, 3, 2)), ((4, 9, 8, 7), (4, 3, 3, 2), (4, 2, 1, 2))],
+)
+def test_one_channel_grid_gives_each_channels_map(shape, window, strides):
+    """Windows that span every channel give every channel the same map: the
+    calibration computes one, on a grid over one channel with the same windows."""
+    from captum_krypton.engine.occlusion import _one_channel
+
+    grid = WindowGrid(shape, window, strides)
+    single = _one_channel(grid)
+    assert single.counts == grid.counts and single.num_windows == grid.num_windows
+    diffs = torch.randn(grid.num_windows, 2, dtype=torch.float64)
+    total, count = grid.accumulate(diffs)
+    one_total, one_count = single.accumulate(diffs)
+    full = total.numpy() / count.numpy()
+    one = one_total.numpy() / one_count.numpy()
+    assert one.shape == (2, 1, *shape[1:])
+    np.testing.assert_array_equal(np.broadcast_to(one, full.shape), full)

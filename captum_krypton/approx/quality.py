@@ -115,12 +115,6 @@ def _float64(values: torch.Tensor | np.ndarray) -> np.ndarray:
     return values.detach().double().cpu().numpy()
 
 
-def _float64(values: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(values, np.ndarray):
-        return values.astype(np.float64, copy=False)
-    return values.detach().double().cpu().numpy()
-
-
 def _along(axis: int, part: slice) -> tuple:
     """An index taking `part` of `axis` and all of the axes before it."""
     return (slice(None),) * axis + (part,)

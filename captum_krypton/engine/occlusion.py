@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import threading
 import warnings
@@ -302,10 +303,17 @@ class PreparedOcclusion:
         total, count = self.grid.accumulate(diffs)
         return total.to(dtype).float() / count.float()
 
-    def cpu_attribution(self, diffs: torch.Tensor) -> torch.Tensor:
+    def cpu_attribution(self, diffs: torch.Tensor, one_channel: bool = False) -> torch.Tensor:
         """`attribution_from` in float64 on the CPU (computed in numpy), without
-        Captum's rounding to the output's dtype: what calibration compares."""
-        total, count = self.grid.accumulate(diffs)
+        Captum's rounding to the output's dtype: what calibration compares.
+
+        one_channel: where every window spans all channels, each channel's map is
+        the same; then only one is computed, (N, 1, *spatial), which SSIM scores
+        as it scores all of them (approx.quality)."""
+        grid = self.grid
+        if one_channel and grid.counts[0] == 1:
+            grid = _one_channel(grid)
+        total, count = grid.accumulate(diffs)
         return torch.from_numpy(total.numpy() / count.numpy())
 
     def partial_attribution(
@@ -369,6 +377,13 @@ class PreparedOcclusion:
                 diffs[ids] = flat_initial - modified.reshape(-1, num_outputs)
                 position += count
                 yield count
+
+
+@functools.lru_cache(maxsize=16)
+def _one_channel(grid: WindowGrid) -> WindowGrid:
+    """The grid over one channel of the input, for windows that span all of them
+    (the same window ids, and its own cached covering tables)."""
+    return WindowGrid((1, *grid.shape[1:]), (1, *grid.window[1:]), (1, *grid.strides[1:]))
 
 
 #: On CUDA a partial batch is padded up to a multiple of this many windows: with

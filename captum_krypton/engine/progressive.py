@@ -393,7 +393,7 @@ class ProgressiveRun:
             return costs[approximation]
 
         def heatmap(diffs: torch.Tensor) -> torch.Tensor:
-            return exact.cpu_attribution(diffs)
+            return exact.cpu_attribution(diffs, one_channel=True)
 
         frozen = PlanApproximation(freeze_global_context=True)
         started = time.perf_counter()
