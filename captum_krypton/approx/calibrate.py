@@ -32,6 +32,7 @@ windows they would speed up cost at least PROBE_PAYBACK times the probe.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,7 +131,13 @@ def tau_probes_for(device: torch.device) -> tuple[float, ...]:
 def first_windows(counts: tuple[int, ...], factor: int) -> np.ndarray:
     """Ids of the windows a calibrated run computes first, exactly: the lattice of
     the first level tried and its random sample (sorted); the call's lattice
-    where no level is tried."""
+    where no level is tried. The same for every call on a grid (the sample's seed
+    is fixed), so it is made once per grid."""
+    return _first_windows(tuple(counts), factor).copy()
+
+
+@functools.lru_cache(maxsize=32)
+def _first_windows(counts: tuple[int, ...], factor: int) -> np.ndarray:
     levels = _levels(counts, factor)
     if not levels:
         return dd.window_ids(counts, dd.coarse_lattice(counts, factor))
