@@ -56,11 +56,12 @@ MIN_SAMPLE = 8
 #: Fractions of all windows refined at the requested stride, on top of the sample.
 FRACTION_CANDIDATES = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
 #: The thresholds calibration tries, largest first, on the CPU. On CUDA it tries
-#: none (`tau_probes_for`): tau ran at 0.75-1.24x exact mode's speed on vgg16,
-#: resnet18, efficientnet_b0 and inception_v3 on an H200
+#: none (`tau_probes_for`): tau ran at 0.75-1.36x exact mode's speed on vgg16,
+#: resnet18, efficientnet_b0 and inception_v3 on an H200, and where it saved
+#: more than a tenth (inception_v3) its maps fell to SSIM 0.64-0.71
 #: (benchmarks/results/approximate_issue16.json; the early layers, where the
-#: time goes, have boxes far below any cap), so a probe, a whole small batch
-#: there, never pays; drill-down and frozen global context are what pay.
+#: time goes, have boxes far below any cap). A probe, a whole small batch there,
+#: does not pay; drill-down and frozen global context are what pay.
 TAU_PROBES = (0.6, 0.4)
 #: Errors of frozen context and tau are measured on coarse maps, which hide some
 #: of the fine grid's error: they count at 1 / SAFETY.
