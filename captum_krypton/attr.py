@@ -171,12 +171,8 @@ class IncrementalOcclusion(Occlusion):
                 best saves under a tenth of the windows' cost, the remaining
                 windows run exactly. The choice is in
                 `self.last_run.approximation`, the measurements in
-                `self.last_run.calibration`. Repeated calls on inputs of one
-                shape keep to the faster of calibrating and exact mode, by their
-                wall times (the first four alternate; every 16th runs the
-                slower again); a call run exactly has no calibration and
-                `estimated_ssim` 1. Leave `tau`, `freeze_global_context` and
-                `drilldown` unset. Default: None
+                `self.last_run.calibration`. Leave `tau`,
+                `freeze_global_context` and `drilldown` unset. Default: None
             calibration (Calibration, optional): Reuse an earlier choice:
                 `last_run.calibration` of a `target_ssim` call on inputs of the
                 same shape (without the batch dim), window and strides, such as

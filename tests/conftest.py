@@ -88,12 +88,3 @@ def exact_cuda_math():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-@pytest.fixture
-def always_calibrate(monkeypatch):
-    """target_ssim calibrates on every call (not only while calibrating is the
-    faster way on that grid): for tests of the calibration's own choices."""
-    from captum_krypton.approx.calibrate import CalibrationTimer
-
-    monkeypatch.setattr(CalibrationTimer, "calibrates_now", lambda self: True)

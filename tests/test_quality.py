@@ -62,7 +62,7 @@ def test_many_maps_at_once_score_as_scikit_image_does(shape):
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet"])
-def test_target_ssim_is_met_on_held_out_images(name, always_calibrate):
+def test_target_ssim_is_met_on_held_out_images(name):
     """At target_ssim=0.9 the heatmap's SSIM vs exact reaches 0.9 on at least 80%
     of held-out images, and the run computes fewer windows on average."""
     model = load_demo_model(name)

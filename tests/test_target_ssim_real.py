@@ -23,10 +23,6 @@ from captum_krypton.engine import progressive
 from tests import models
 from tests.conftest import assert_close_to_captum
 
-#: The calibration's own choices on every call (not only where calibrating is the
-#: faster way on a grid).
-pytestmark = pytest.mark.usefixtures("always_calibrate")
-
 TARGET = 0.9
 #: Share of the inputs whose map must reach the target.
 SHARE = 0.9

@@ -85,52 +85,6 @@ MIN_SAVING = 0.1
 SEED = 0
 
 
-#: Repeated target_ssim calls on one grid keep to the faster of calibrating and
-#: exact mode, and run the slower once every RECHECK_EVERY calls to time it again.
-RECHECK_EVERY = 16
-#: ... after this many calls that alternate between the two.
-WARM_UP_CALLS = 4
-
-
-@dataclass
-class CalibrationTimer:
-    """Whether a target_ssim call on a grid calibrates or runs exactly, from the
-    wall times of earlier calls (kept with the plan, per target).
-
-    A calibration costs host work and a stage of its own; where windows are
-    cheap (a GPU) that can exceed what it saves, and then exact mode, whose maps
-    meet every target, is faster. The first calls alternate (calibrated, exact,
-    calibrated, exact); from then on the faster of the two runs, and every
-    RECHECK_EVERY-th call runs the other, to follow inputs whose calibration pays
-    differently."""
-
-    calibrated: float | None = None
-    exact: float | None = None
-    calls: int = 0
-
-    def calibrates_now(self) -> bool:
-        """Whether this call calibrates (decides, and counts the call). The first
-        WARM_UP_CALLS alternate, starting with a calibration; the first of each
-        kind is not timed (plans, kernel choices and algorithm searches for its
-        batch shapes)."""
-        self.calls += 1
-        if self.calls <= WARM_UP_CALLS:
-            return self.calls % 2 == 1
-        if self.calibrated is None or self.exact is None:
-            return self.calibrated is None
-        faster = self.calibrated <= self.exact
-        return faster if self.calls % RECHECK_EVERY else not faster
-
-    def record(self, calibrated: bool, seconds: float) -> None:
-        """A finished call's wall time, by how it ran."""
-        if self.calls <= 2:
-            return
-        if calibrated:
-            self.calibrated = seconds
-        else:
-            self.exact = seconds
-
-
 @dataclass
 class Calibration:
     """What the calibration measured and chose.

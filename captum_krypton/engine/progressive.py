@@ -13,7 +13,6 @@ pass).
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,6 @@ from captum._utils.typing import TargetType
 from captum_krypton.approx import drilldown as dd
 from captum_krypton.approx.calibrate import (
     Calibration,
-    CalibrationTimer,
     calibrate,
     first_windows,
     tau_probes_for,
@@ -168,16 +166,6 @@ class ProgressiveRun:
         self._lattice_ids = np.zeros(0, dtype=np.int64)
         self._lattice_diffs: torch.Tensor | None = None
         ids = np.arange(grid.num_windows) if self._window_ids is None else self._window_ids
-        # Calls over the whole grid on this device keep to the faster of calibrating
-        # and exact mode (approx.calibrate.CalibrationTimer).
-        timer = None
-        if self._target_ssim is not None and self._window_ids is None:
-            if self._compute_elsewhere is None:
-                timers = first.plan.calibration_timers
-                timer = timers.setdefault(self._target_ssim, CalibrationTimer())
-                if not timer.calibrates_now():
-                    drilling = False
-                    self.approximation = dataclasses.replace(self.approximation, estimated_ssim=1.0)
         self._planned = len(ids)
         self._stage: Stage = "exact" if self.approximation.exact else "approximate"
         if drilling:
@@ -215,8 +203,6 @@ class ProgressiveRun:
         self.result = self._format(self._heatmap())
         done = int(self._computed.sum())
         elapsed = time.perf_counter() - self._start
-        if timer is not None and not cancelled:
-            timer.record(drilling, elapsed)
         self.report = OcclusionReport(
             "incremental",
             self.approximation,

@@ -81,9 +81,6 @@ class RegionPlan:
     #: cuDNN runs fastest, and the one plain re-inference gets) instead of the clean
     #: values' layout; None until a first batch has tried it (engine/occlusion.py).
     full_channels_last: bool | None = None
-    #: target_ssim -> the wall times of calibrated and exact calls on this plan's
-    #: grid (approx.calibrate.CalibrationTimer; engine/progressive.py).
-    calibration_timers: dict = field(default_factory=dict)
     batch_layout_checked: bool = False
     batch_behaviour: Any = None
     batch_failure: Exception | None = None
