@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torchvision
 
-from benchmarks.gpu import MODELS, naive_occlusion, sync, timed
+from benchmarks.gpu import MODELS, cuda_time, naive_occlusion, sync
 from captum_krypton import IncrementalOcclusion, attribution_ssim
 from captum_krypton.demo.data import CLASSES, make_dataset, normalize
 
@@ -65,13 +65,6 @@ WINDOW = (3, 16, 16)
 DEVICE = torch.device("cuda")
 #: VGG without batch norm learns slowly from scratch: it gets more steps.
 STEP_FACTOR = {"vgg16": 3}
-
-
-def median_time(fn, repeats: int) -> tuple[float, object]:
-    """Median seconds of `repeats` calls after one warm-up call, and a result."""
-    fn()
-    times, result = timed(fn, DEVICE, repeats)
-    return float(np.median(times)), result
 
 
 def build(name: str, classes: int) -> torch.nn.Module:
@@ -136,17 +129,18 @@ def run_model(
     for layout in (torch.channels_last, torch.contiguous_format):
         naive_model = model.to(memory_format=layout)
         for batch in (256, 1024):
-            seconds, _ = median_time(
+            seconds, _ = cuda_time(
                 lambda m=naive_model, layout=layout, batch=batch: naive_occlusion(
                     m, inputs[0], WINDOW, 4, targets[0], batch, layout
                 ),
                 repeats,
+                DEVICE,
             )
             naive_s = min(naive_s, seconds)
     model.to(memory_format=torch.contiguous_format)
 
     exact = [attribute(i) for i in range(image_count)]
-    exact_s, _ = median_time(lambda: attribute(0), repeats)
+    exact_s, _ = cuda_time(lambda: attribute(0), repeats, DEVICE)
     rows = []
 
     def measure(label: str, **options) -> None:
@@ -167,7 +161,7 @@ def run_model(
         sync(DEVICE)
         first_s = time.perf_counter() - started
         attribute(0, **options)
-        seconds, _ = median_time(lambda: attribute(0, **options), repeats)
+        seconds, _ = cuda_time(lambda: attribute(0, **options), repeats, DEVICE)
         ssim = np.concatenate([attribution_ssim(m, e) for m, e in zip(maps, exact)])
         rows.append(
             {

@@ -208,10 +208,13 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[li
     return times, result
 
 
-def cuda_time(fn: Callable[[], Any], repeats: int = 3) -> tuple[float, Any]:
-    """Median seconds of `repeats` CUDA calls after one warm-up call, and a result."""
+def cuda_time(
+    fn: Callable[[], Any], repeats: int = 3, device: torch.device | None = None
+) -> tuple[float, Any]:
+    """Median seconds of `repeats` calls after one warm-up call, and a result; on
+    CUDA unless `device` says otherwise."""
     fn()
-    times, result = timed(fn, torch.device("cuda"), repeats)
+    times, result = timed(fn, device or torch.device("cuda"), repeats)
     return float(np.median(times)), result
 
 

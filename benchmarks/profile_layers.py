@@ -33,10 +33,10 @@ import torch
 from torch import fx
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.gpu import build_model, cases, make_input, occlusion_keep_mask
+from benchmarks.gpu import build_model, cases, make_input, occlusion_keep_mask, sync
 from captum_krypton import IncrementalOcclusion, kernels
 from captum_krypton.capture import evaluate
-from captum_krypton.engine.executor import BatchRun
+from captum_krypton.engine.executor import BatchRun, channels_last_format
 from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.kernels import choice
 from captum_krypton.ops import FUSED_RULE
@@ -47,6 +47,7 @@ class Clock:
     kernels between two marks took), host time on the CPU."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
 
     def mark(self) -> Any:
@@ -60,8 +61,7 @@ class Clock:
         return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
 
     def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
+        sync(self.device)
 
 
 def engine_node_times(
@@ -235,7 +235,7 @@ def profile_model(name: str, args: argparse.Namespace) -> dict:
     grid = WindowGrid(tuple(image.shape[1:]), window, tuple(strides))
     keep = occlusion_keep_mask(grid, np.arange(rows), image.device)
     occluded = (image * keep.to(image.dtype)).contiguous(
-        memory_format=torch.channels_last if image.dim() == 4 else torch.channels_last_3d
+        memory_format=channels_last_format(image.dim())
     )
     naive = naive_node_times(plan, occluded, windows, clock)
     layers = layer_rows(plan, engine, naive)

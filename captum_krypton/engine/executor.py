@@ -28,6 +28,12 @@ def _memory_format(value: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def channels_last_format(ndim: int) -> torch.memory_format:
+    """cuDNN's usual fastest layout for a 4-D (channels_last) or 5-D
+    (channels_last_3d) tensor."""
+    return torch.channels_last if ndim == 4 else torch.channels_last_3d
+
+
 def _channels_first_order(ndim: int, dims: tuple[int, ...]) -> list[int]:
     """Batch, then the dims outside the box in order, then the box's dims."""
     return [0, *(d for d in range(1, ndim) if d not in dims), *dims]
@@ -369,7 +375,7 @@ class BatchRun:
         if clean.dim() not in (4, 5):
             return torch.contiguous_format
         if self.full_channels_last:
-            return torch.channels_last if clean.dim() == 4 else torch.channels_last_3d
+            return channels_last_format(clean.dim())
         return torch.contiguous_format if self.use_triton else _memory_format(clean)
 
     def _example_rows(self, value: Any) -> Any:
@@ -409,8 +415,7 @@ class BatchRun:
         if choice is not None and choice.path == "plain":  # the layout measured fastest
             inputs = inputs.contiguous(memory_format=choice.layout)
         elif inputs.is_cuda and inputs.dim() in (4, 5):  # cuDNN's usual fastest layout
-            layout = torch.channels_last if inputs.dim() == 4 else torch.channels_last_3d
-            inputs = inputs.contiguous(memory_format=layout)
+            inputs = inputs.contiguous(memory_format=channels_last_format(inputs.dim()))
         captured = self.plan.captured
         extra = [self.full_value(p) for p in captured.placeholder_values]
         return captured.root(inputs, *captured.additional_args(extra))

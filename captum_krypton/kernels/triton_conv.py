@@ -377,9 +377,9 @@ def conv_region(
         compiling = _compiled(key, _stand_ins(args), flags, view.device, background)
     if background and not compiling.done():
         raise choice.CandidatePending(compiling)
-    running = [f for f in _in_flight if not f.done()] if background else []
-    if running:  # measured once no compilation competes for the CPU
-        raise choice.CandidatePending(running[0])
+    running = next((f for f in _in_flight if not f.done()), None) if background else None
+    if running is not None:  # measured once no compilation competes for the CPU
+        raise choice.CandidatePending(running)
     if compiling.exception() is not None:
         raise RuntimeError(f"the conv kernel did not compile: {compiling.exception()}")
 
