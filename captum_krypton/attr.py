@@ -129,10 +129,14 @@ class IncrementalOcclusion(Occlusion):
                 computed whole. Default: None
             kernels (str, optional): "auto" (Triton kernels on CUDA when triton is
                 installed, torch ops otherwise), "torch" or "triton". Default: "auto"
-            cuda_graphs (bool, optional): On CUDA, capture one window batch as a
-                CUDA graph and replay it for the others (eager launches if capture
-                fails). None: on only where `devices` drives several GPUs from
-                threads of this process. Default: None
+            cuda_graphs (bool, optional): On CUDA with the Triton kernels, replay
+                window batches as CUDA graphs (engine/graphs.py); eager launches
+                where capture fails. None: a batch size is captured the second
+                time a plan runs it, and kept with the plan for later calls on
+                inputs of the same shape (each call's clean run is copied into
+                the graphs' private copy first). With `devices`: True where
+                threads of this process drive several GPUs, False otherwise.
+                True: captured at the first batch. False: never. Default: None
             tau (float, optional): Projective-field threshold in (0, 1]; below 1
                 every changed box is capped at tau x its feature map's side
                 (centred) at each layer and changes beyond it are dropped: faster,

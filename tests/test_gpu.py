@@ -183,7 +183,7 @@ def test_two_gpus_equal_one(exact_cuda_math, sharing, monkeypatch):
     """Default: a worker process computes cuda:1's shard. Threads (when workers are
     unavailable): one thread per GPU, each replaying a CUDA graph of its own."""
     from captum_krypton import IncrementalOcclusion
-    from captum_krypton.engine.occlusion import GraphedBatch
+    from captum_krypton.engine.graphs import GraphedBatch
     from captum_krypton.parallel import sharded
 
     if sharing == "threads":
@@ -288,3 +288,47 @@ def test_cuda_broken_rule_is_caught(monkeypatch, exact_cuda_math):
         )
     expected = Occlusion(model).attribute(inputs, (3, 8, 8), strides=8, target=3)
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_graphs_kept_across_calls_replay_each_calls_own_values(exact_cuda_math, monkeypatch):
+    """Default CUDA graphs: a batch size is captured the second time the plan runs
+    it and replayed on later calls, each with its own input, baseline and target,
+    every map equal to Captum's (engine/graphs.py)."""
+    import warnings
+
+    from captum.attr import Occlusion
+
+    from captum_krypton import FallbackWarning, IncrementalOcclusion
+    from captum_krypton.engine.graphs import GraphedBatch
+    from tests.conftest import assert_close_to_captum
+
+    replays = []
+    replay = GraphedBatch.run
+    monkeypatch.setattr(
+        GraphedBatch, "run", lambda self, ids: replays.append(len(ids)) or replay(self, ids)
+    )
+    model = torchvision.models.resnet18(weights=None).eval().cuda()
+    occlusion = IncrementalOcclusion(model)
+    args = dict(sliding_window_shapes=(3, 8, 8), strides=4)
+    noise = torch.rand(2, 2, 3, 64, 64, device="cuda")
+    baselines = [0.0, 0.0, noise[0], noise[1], 0.0]
+    counts = []
+    for step, baseline in enumerate(baselines):
+        x = torch.randn(2, 3, 64, 64, device="cuda")
+        target = [step, step + 1]
+        before = len(replays)
+        expected = Occlusion(model).attribute(
+            x, baselines=baseline, target=target, perturbations_per_eval=64, **args
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FallbackWarning)
+            actual = occlusion.attribute(
+                x, baselines=baseline, target=target, windows_per_batch=32, **args
+            )
+        with torch.no_grad():
+            scale = model(x).abs().max().item()
+        assert_close_to_captum(expected, actual, scale)
+        counts.append(len(replays) - before)
+    # 225 windows in batches of 32 (the last padded to 32): the first call captures
+    # at its second batch; later calls with a known baseline replay every batch
+    assert counts[0] == 7 and counts[1] == 8 and counts[3] == 8 and counts[4] == 8

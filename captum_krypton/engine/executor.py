@@ -87,6 +87,11 @@ class Views:
             {} if device_arrays is None else device_arrays
         )
 
+    def forget_copies(self) -> None:
+        """Make copies of the clean values afresh from here on (a CUDA graph
+        capture makes its own, engine/graphs.py)."""
+        self._channels_last = {}
+
     def device_array(self, key: Any, array: np.ndarray, device: torch.device) -> torch.Tensor:
         """`array` on `device`, copied once under `key`."""
         cached = self._device_arrays.get((key, device))

@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import math
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +15,12 @@ import numpy as np
 import torch
 from captum._utils.common import _expand_target, _select_targets
 from captum._utils.typing import TargetType
+from torch.utils import _pytree as pytree
 
 from captum_krypton.capture import CapturedGraph, UnsupportedForIncremental, evaluate
 from captum_krypton.capture.graph import not_one_tensor
 from captum_krypton.engine.executor import BatchRun, Views
+from captum_krypton.engine.graphs import PlanGraphs, plan_graphs
 from captum_krypton.engine.path_choice import choose_path, needs_measurement
 from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.kernels import use_triton
@@ -125,7 +126,10 @@ class PreparedOcclusion:
     plan: RegionPlan
     output: torch.Tensor
     use_triton: bool = False
-    use_cuda_graphs: bool = False
+    #: CUDA graphs of window batches (engine/graphs.py): None decides (a batch size
+    #: is captured the second time the plan runs it), True captures at once, False
+    #: never; only with Triton kernels on CUDA.
+    cuda_graphs: bool | None = False
     full_threshold: float | None = None
     #: The user's forward function and its additional arguments as given; its
     #: output on the clean input and, where the self-check ran them in the same
@@ -190,7 +194,8 @@ class PreparedOcclusion:
         only with them, on CUDA: they need kernels that never wait on the host."""
         device = self.inputs.device
         self.use_triton = use_triton(kernels, device)
-        self.use_cuda_graphs = bool(cuda_graphs and self.use_triton and device.type == "cuda")
+        usable = self.use_triton and device.type == "cuda"
+        self.cuda_graphs = cuda_graphs if usable else False
         return self
 
     def with_approximation(self, approximation: PlanApproximation) -> PreparedOcclusion:
@@ -344,12 +349,11 @@ class PreparedOcclusion:
         every finished row in place and nothing half-written."""
         num_outputs = flat_initial.shape[1]
         device = self.inputs.device
-        graphed: GraphedBatch | None = None
         position = 0
         # All ids go to the device at once: a copy per batch from host memory would
         # wait for the previous batch, and the host could not run ahead.
         every_id = torch.from_numpy(np.ascontiguousarray(window_ids, dtype=np.int64)).to(device)
-        with cudnn_autotuning(device):
+        with cudnn_autotuning(device), self._graph_session() as graphs:
             while position < len(window_ids):
                 count = min(windows_per_batch, len(window_ids) - position)
                 ids = every_id[position : position + count]
@@ -357,19 +361,17 @@ class PreparedOcclusion:
                 if device.type == "cuda" and count < windows_per_batch:
                     padded = _pad_to_bucket(ids, windows_per_batch)
                 try:
-                    if self.use_cuda_graphs and count == windows_per_batch:
-                        if graphed is None or graphed.size != count:
-                            graphed = GraphedBatch.capture(self, count)
-                        if graphed is None:  # capture failed: eager from here on
-                            self.use_cuda_graphs = False
-                            continue
-                        output = graphed.run(ids)
+                    graphed = None if graphs is None else graphs.batch(len(padded))
+                    if graphed is not None:
+                        output = graphed.run(padded)
                     else:
-                        output = self.run_window_ids(padded)[: count * self.inputs.shape[0]]
+                        output = self.run_window_ids(padded)
+                        if graphs is not None:
+                            graphs.ran(len(padded))
+                    output = output[: count * self.inputs.shape[0]]
                 except torch.cuda.OutOfMemoryError:
                     if windows_per_batch == 1:
                         raise
-                    graphed = None
                     windows_per_batch = max(1, windows_per_batch // 2)
                     torch.cuda.empty_cache()
                     continue
@@ -377,6 +379,27 @@ class PreparedOcclusion:
                 diffs[ids] = flat_initial - modified.reshape(-1, num_outputs)
                 position += count
                 yield count
+
+    def _graph_session(self) -> contextlib.AbstractContextManager:
+        """The CUDA graphs this call's batches may replay (engine/graphs.py), or
+        a context of None. The plan keeps them for later calls, except where
+        additional forward arguments hold tensors (a graph would read the tensors
+        of the call that captured it): then they last this call only."""
+        if self.cuda_graphs is False:
+            return contextlib.nullcontext(None)
+        extra = pytree.tree_leaves(list(self.captured.placeholder_values.values()))
+        if any(isinstance(value, torch.Tensor) for value in extra):
+            if not self.cuda_graphs:
+                return contextlib.nullcontext(None)
+            graphs = PlanGraphs()
+        else:
+            baseline = self.baseline
+            if isinstance(baseline, torch.Tensor):
+                key: tuple = ("tensor", tuple(baseline.shape), baseline.dtype)
+            else:
+                key = ("scalar", type(baseline).__name__, baseline)
+            graphs = plan_graphs(self, key)
+        return graphs.session(self, eager_warm_up=bool(self.cuda_graphs))
 
 
 @functools.lru_cache(maxsize=16)
@@ -433,69 +456,3 @@ def _cached_plan(
             captured.plans.pop(next(iter(captured.plans)))
         captured.plans[key] = plan
     return plan
-
-
-_capture_streams: dict[torch.device, torch.cuda.Stream] = {}
-_capture_streams_lock = threading.Lock()
-
-
-def _capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """One side stream per device for graph captures, made on first use."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    device = torch.device("cuda", index)
-    with _capture_streams_lock:
-        stream = _capture_streams.get(device)
-        if stream is None:
-            stream = _capture_streams[device] = torch.cuda.Stream(device)
-    return stream
-
-
-def _end_failed_capture(graph: torch.cuda.CUDAGraph) -> None:
-    """End a capture that an op broke off (the capture is invalid by then)."""
-    with contextlib.suppress(RuntimeError):
-        graph.capture_end()
-
-
-class GraphedBatch:
-    """One window batch captured as a CUDA graph and replayed for every batch of the
-    same size: the plan's many small launches cost one launch. The batch's window
-    ids live in a static device tensor that each replay refills."""
-
-    def __init__(self, size: int, ids: torch.Tensor, graph: Any, output: torch.Tensor):
-        self.size, self._ids, self._graph, self._output = size, ids, graph, output
-
-    @classmethod
-    def capture(cls, prepared: PreparedOcclusion, size: int) -> GraphedBatch | None:
-        device = prepared.inputs.device
-        ids = torch.arange(size, device=device)
-        prepared.run_windows(0, size)  # warm-up: caches, cudnn algorithm choice
-        graph = torch.cuda.CUDAGraph()
-        # Captured on a side stream of this device with thread_local errors, and
-        # without torch.cuda.graph's device-wide synchronize and empty_cache: with
-        # devices=, other threads keep running batches on other GPUs meanwhile, and
-        # emptying the allocator's cache under them costs every GPU its memory blocks.
-        stream = _capture_stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.no_grad(), torch.cuda.stream(stream):
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                output = prepared.batch_run(ids).run()
-            except torch.cuda.OutOfMemoryError:
-                _end_failed_capture(graph)
-                raise
-            except RuntimeError as exc:  # an op that syncs with the host cannot be captured
-                _end_failed_capture(graph)
-                warnings.warn(
-                    f"CUDA graph capture failed, running eagerly: {exc}", RuntimeWarning, 2
-                )
-                return None
-            graph.capture_end()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        if not isinstance(output, torch.Tensor):
-            return None
-        return cls(size, ids, graph, output)
-
-    def run(self, ids: torch.Tensor) -> torch.Tensor:
-        self._ids.copy_(ids)
-        self._graph.replay()
-        return self._output

@@ -67,7 +67,7 @@ def needs_measurement(prepared: PreparedOcclusion) -> bool:
     plan = prepared.plan
     if plan.path_choice is not None or prepared.inputs.device.type != "cuda":
         return False
-    chosen = prepared.full_threshold is not None or prepared.use_cuda_graphs
+    chosen = prepared.full_threshold is not None or prepared.cuda_graphs is True
     if chosen or not plan.approximation.exact:
         return False  # settings the user chose, or an approximation: as planned
     if plan.estimated_seconds is None or plan.estimated_full_seconds is None:

@@ -81,6 +81,9 @@ class RegionPlan:
     #: cuDNN runs fastest, and the one plain re-inference gets) instead of the clean
     #: values' layout; None until a first batch has tried it (engine/occlusion.py).
     full_channels_last: bool | None = None
+    #: On CUDA: the CUDA graphs of this plan's window batches and the private
+    #: clean run they read, by baseline (engine/graphs.py).
+    cuda_graphs: dict = field(default_factory=dict)
     batch_layout_checked: bool = False
     batch_behaviour: Any = None
     batch_failure: Exception | None = None

@@ -1,0 +1,212 @@
+"""CUDA graphs kept across calls read a private copy of the clean run
+(engine/graphs.py); every call copies its own clean values, input and baseline
+into it. If that copy missed anything a window batch reads, a later call would
+silently get an earlier call's numbers.
+
+Here on the CPU, in float64: the private copy, loaded with another call's values,
+gives that call's batch outputs bit for bit, on architectures whose batches read
+clean values in different ways (halo reads, channels-last copies, concatenation,
+squeeze-excitation, frozen global context); and whole calls whose "replays" run
+the captured state eagerly (copies made afresh, as a graph makes them) equal
+Captum's Occlusion call after call, with inputs and baselines changing.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from captum.attr import Occlusion
+from torch import nn
+
+from captum_krypton import FallbackWarning, IncrementalOcclusion
+from captum_krypton.engine import graphs
+from captum_krypton.engine.occlusion import PreparedOcclusion
+from captum_krypton.engine.windows import WindowGrid
+from tests import models
+from tests.conftest import FP64_TOLERANCE, assert_close_to_captum
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def _randomized(model: nn.Module) -> nn.Module:
+    torch.manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    return model.double().eval()
+
+
+def _model(name: str) -> nn.Module:
+    if name == "small_cnn":
+        return models.small_cnn(models.SmallCNN).double().eval()
+    return _randomized(getattr(torchvision.models, name)(weights=None, num_classes=7))
+
+
+@pytest.fixture
+def prepared_calls(monkeypatch):
+    """Each call's PreparedOcclusion, as the engine runs its windows."""
+    calls: list[PreparedOcclusion] = []
+    fill = PreparedOcclusion.fill_diffs
+
+    def recording(self, *args, **kwargs):
+        calls.append(self)
+        return fill(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreparedOcclusion, "fill_diffs", recording)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("small_cnn", {}),
+        ("resnet18", {}),
+        ("densenet121", {}),
+        ("mobilenet_v3_small", {}),
+        ("mobilenet_v3_small", {"freeze_global_context": True}),
+    ],
+)
+def test_the_private_copy_loaded_with_a_call_gives_its_batches(name, options, prepared_calls):
+    model = _model(name)
+    if name == "small_cnn":
+        size, args = 16, dict(sliding_window_shapes=(3, 4, 4), strides=3)
+    else:
+        size, args = 64, dict(sliding_window_shapes=(3, 8, 8), strides=8)
+    first, second = torch.randn(2, 2, 3, size, size, dtype=torch.float64)
+    occlusion = IncrementalOcclusion(model)
+    args.update(target=1, **options)
+    occlusion.attribute(first, baselines=0.5, **args)
+    in_first = len(prepared_calls)
+    occlusion.attribute(second, baselines=0.5, **args)
+    a = prepared_calls[0]
+    # the second call's run with the same plan (approximate calls also run the
+    # self-check's windows exactly)
+    b = next(p for p in prepared_calls[in_first:] if p.plan is a.plan)
+    assert a.plan.approximation.exact != bool(options)
+    # boxes read the clean run (mobilenet_v3's exact plan re-runs the whole model:
+    # after squeeze-excitation no box is left)
+    assert a.plan.rerun_whole_model == (name == "mobilenet_v3_small" and not options)
+    ids = torch.arange(min(12, a.grid.num_windows))
+    with torch.no_grad():
+        state = graphs.GraphState(a)
+        torch.testing.assert_close(
+            state.prepared.run_window_ids(ids), a.run_window_ids(ids), rtol=0, atol=0
+        )
+        before = {n: v.clone() for n, v in a.views.env.items() if isinstance(v, torch.Tensor)}
+        assert state.load(b)
+        state.prepared.views.forget_copies()  # a graph makes its copies on every replay
+        torch.testing.assert_close(
+            state.prepared.run_window_ids(ids), b.run_window_ids(ids), rtol=0, atol=0
+        )
+    for node, value in before.items():  # the calls' own tensors are left alone
+        assert torch.equal(a.views.env[node], value)
+
+
+def test_a_tensor_baseline_is_copied_in_and_a_new_shape_refused(prepared_calls):
+    model = _model("small_cnn")
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    occlusion = IncrementalOcclusion(model)
+    args = dict(sliding_window_shapes=(3, 4, 4), strides=3, target=0)
+    occlusion.attribute(x, baselines=torch.zeros(2, 3, 16, 16, dtype=torch.float64), **args)
+    occlusion.attribute(x, baselines=torch.rand(2, 3, 16, 16, dtype=torch.float64), **args)
+    occlusion.attribute(x, baselines=torch.rand(1, 3, 16, 16, dtype=torch.float64), **args)
+    a, b, other_shape = prepared_calls
+    ids = torch.arange(10)
+    with torch.no_grad():
+        state = graphs.GraphState(a)
+        assert state.load(b)
+        state.prepared.views.forget_copies()
+        torch.testing.assert_close(
+            state.prepared.run_window_ids(ids), b.run_window_ids(ids), rtol=0, atol=0
+        )
+    assert not state.load(other_shape)
+
+
+class _EagerReplay:
+    """Stands in for a captured graph on the CPU: a replay evaluates the captured
+    state's batch afresh, reading what a graph reads (the private copy, and copies
+    of it made during the replay)."""
+
+    replays: list[int] = []
+
+    def __init__(self, state: PreparedOcclusion, size: int):
+        self.state, self.size = state, size
+
+    def run(self, ids: torch.Tensor) -> torch.Tensor:
+        assert len(ids) == self.size
+        _EagerReplay.replays.append(self.size)
+        self.state.views.forget_copies()
+        with torch.no_grad():
+            return self.state.batch_run(ids).run()
+
+
+@pytest.fixture
+def replayed_on_cpu(monkeypatch):
+    """Graphs as on CUDA, with `_EagerReplay` for capture and replay."""
+    _EagerReplay.replays = []
+    monkeypatch.setattr(graphs, "memory_pool", lambda: None)
+    monkeypatch.setattr(
+        graphs.GraphedBatch,
+        "capture",
+        classmethod(lambda cls, state, size, pool=None, announce=True: _EagerReplay(state, size)),
+    )
+    choose = PreparedOcclusion.choose_kernels
+
+    def on_cpu_too(self, kernels, cuda_graphs):
+        choose(self, kernels, cuda_graphs)
+        self.cuda_graphs = cuda_graphs
+        return self
+
+    monkeypatch.setattr(PreparedOcclusion, "choose_kernels", on_cpu_too)
+    return _EagerReplay.replays
+
+
+@pytest.mark.parametrize("cuda_graphs", [None, True])
+def test_calls_that_replay_kept_graphs_equal_captum(cuda_graphs, replayed_on_cpu, prepared_calls):
+    model = _model("resnet18")
+    occlusion = IncrementalOcclusion(model)
+    args = dict(sliding_window_shapes=(3, 8, 8), strides=8)
+    calls = [
+        (torch.randn(2, 3, 64, 64), 0.0, [1, 2]),
+        (torch.randn(2, 3, 64, 64), 0.0, [3, 1]),
+        (torch.randn(2, 3, 64, 64), 0.25, [0, 0]),  # a new scalar: graphs of its own
+        (torch.randn(2, 3, 64, 64), torch.rand(2, 3, 64, 64), [4, 2]),
+        (torch.randn(2, 3, 64, 64), torch.rand(2, 3, 64, 64), [1, 6]),
+        (torch.randn(2, 3, 64, 64), 0.0, [5, 5]),
+    ]
+    replays_per_call = []
+    for x, baseline, target in calls:
+        x = x.double()
+        if isinstance(baseline, torch.Tensor):
+            baseline = baseline.double()
+        before = len(replayed_on_cpu)
+        expected = Occlusion(model).attribute(x, baselines=baseline, target=target, **args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FallbackWarning)
+            actual = occlusion.attribute(
+                x,
+                baselines=baseline,
+                target=target,
+                cuda_graphs=cuda_graphs,
+                windows_per_batch=10,
+                **args,
+            )
+        with torch.no_grad():
+            scale = model(x).abs().max().item()
+        assert_close_to_captum(expected, actual, scale, FP64_TOLERANCE)
+        replays_per_call.append(len(replayed_on_cpu) - before)
+    assert not any(p.plan.rerun_whole_model for p in prepared_calls)  # boxes read the clean run
+    windows = WindowGrid((3, 64, 64), (3, 8, 8), (8, 8, 8)).num_windows
+    full, partial = divmod(windows, 10)
+    batches = full + (partial > 0)
+    if cuda_graphs:  # captured at the first batch of each size
+        assert replays_per_call == [batches] * len(calls)
+    else:
+        # a size is captured the second time it runs: on a plan's first call, the
+        # full batches after the first; a new baseline starts over (the plan keeps
+        # graphs for two, so 0.0 is gone by the last call)
+        fresh = full - 1
+        assert replays_per_call == [fresh, batches, fresh, fresh, batches, fresh]
