@@ -332,3 +332,42 @@ def test_graphs_kept_across_calls_replay_each_calls_own_values(exact_cuda_math, 
     # 225 windows in batches of 32 (the last padded to 32): the first call captures
     # at its second batch; later calls with a known baseline replay every batch
     assert counts[0] == 7 and counts[1] == 8 and counts[3] == 8 and counts[4] == 8
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["googlenet", "densenet121", "mobilenet_v3_large", "inception_v3", "regnet_y_400mf"],
+)
+def test_replayed_batches_match_captum_across_architectures(name, exact_cuda_math, monkeypatch):
+    """A second call replays the graphs the first captured: its map is Captum's."""
+    import warnings
+
+    from captum.attr import Occlusion
+
+    from captum_krypton import FallbackWarning, IncrementalOcclusion
+    from captum_krypton.engine.graphs import GraphedBatch
+    from tests.conftest import assert_close_to_captum
+
+    replays = []
+    replay = GraphedBatch.run
+    monkeypatch.setattr(
+        GraphedBatch, "run", lambda self, ids: replays.append(len(ids)) or replay(self, ids)
+    )
+    extra = {}
+    if name in ("googlenet", "inception_v3"):
+        extra = {"init_weights": False, "aux_logits": False}
+    model = getattr(torchvision.models, name)(weights=None, **extra).eval().cuda()
+    size = 96 if name == "inception_v3" else 64
+    first, second = torch.randn(2, 2, 3, size, size, device="cuda")
+    args = dict(sliding_window_shapes=(3, 8, 8), strides=4, target=[3, 7])
+    occlusion = IncrementalOcclusion(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        occlusion.attribute(first, windows_per_batch=64, **args)
+        before = len(replays)
+        actual = occlusion.attribute(second, windows_per_batch=64, **args)
+    assert len(replays) > before
+    expected = Occlusion(model).attribute(second, perturbations_per_eval=64, **args)
+    with torch.no_grad():
+        scale = model(second).abs().max().item()
+    assert_close_to_captum(expected, actual, scale)

@@ -210,3 +210,64 @@ def test_calls_that_replay_kept_graphs_equal_captum(cuda_graphs, replayed_on_cpu
         # graphs for two, so 0.0 is gone by the last call)
         fresh = full - 1
         assert replays_per_call == [fresh, batches, fresh, fresh, batches, fresh]
+
+
+def test_numerics_settings_get_graphs_of_their_own(prepared_calls):
+    """A capture fixes autocast and TF32; eager batches read them at run time."""
+    model = _model("small_cnn")
+    IncrementalOcclusion(model).attribute(
+        torch.randn(1, 3, 16, 16, dtype=torch.float64), sliding_window_shapes=(3, 4, 4), target=0
+    )
+    prepared = prepared_calls[0]
+    key = ("scalar", "int", 0)
+    default = graphs.plan_graphs(prepared, (key, graphs.numerics_key()))
+    assert graphs.plan_graphs(prepared, (key, graphs.numerics_key())) is default
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium" if precision != "medium" else "high")
+        assert graphs.plan_graphs(prepared, (key, graphs.numerics_key())) is not default
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def test_a_replay_out_of_memory_drops_the_graphs_and_finishes_eagerly(
+    replayed_on_cpu, prepared_calls, monkeypatch
+):
+    model = _model("resnet18")
+    occlusion = IncrementalOcclusion(model)
+    args = dict(sliding_window_shapes=(3, 8, 8), strides=8, target=2)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    occlusion.attribute(x, cuda_graphs=True, windows_per_batch=16, **args)
+    plan = prepared_calls[-1].plan
+    assert plan.cuda_graphs and replayed_on_cpu
+
+    def out_of_memory(self, ids):
+        raise torch.cuda.OutOfMemoryError("replay")
+
+    monkeypatch.setattr(_EagerReplay, "run", out_of_memory)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    expected = Occlusion(model).attribute(x, **args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        actual = occlusion.attribute(x, cuda_graphs=True, windows_per_batch=16, **args)
+    with torch.no_grad():
+        scale = model(x).abs().max().item()
+    assert_close_to_captum(expected, actual, scale, FP64_TOLERANCE)
+    assert not plan.cuda_graphs  # released; the next call captures afresh
+
+
+def test_no_capture_while_a_kernel_choice_is_open(replayed_on_cpu, monkeypatch):
+    """A graph keeps the kernels it was captured with: while a Triton kernel
+    compiles in the background (or a choice waits to measure it), batches stay
+    eager; once the choices are final, the next batch is captured."""
+    model = _model("small_cnn")
+    occlusion = IncrementalOcclusion(model)
+    args = dict(sliding_window_shapes=(3, 4, 4), strides=2, target=0, windows_per_batch=8)
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    monkeypatch.setattr(graphs, "choices_settled", lambda: False)
+    for _ in range(2):
+        occlusion.attribute(x, **args)
+    assert replayed_on_cpu == []
+    monkeypatch.setattr(graphs, "choices_settled", lambda: True)
+    occlusion.attribute(x, **args)
+    assert replayed_on_cpu

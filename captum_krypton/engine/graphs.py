@@ -11,10 +11,13 @@ copies its own clean values, input and baseline into that copy before the first
 replay. The plan's parameters and buffers are read in place, as eager batches
 read them (a new parameter version is a new plan). Derived copies of clean
 values (channels-last, padded) are computed inside each graph, so a replay never
-reads one made for another call.
+reads one made for another call. Settings that a capture fixes but eager
+batches read at run time (autocast, TF32, deterministic algorithms) key the
+graphs too (`numerics_key`).
 
 With `cuda_graphs=None` (the default) a batch size is captured the second time
-the plan runs it, so a one-off call pays no capture; `cuda_graphs=True` captures
+the plan runs it, so a one-off call pays no capture, and only once every kernel
+choice is final (no Triton kernel compiling in the background); `cuda_graphs=True` captures
 at the first full batch (after one eager warm-up batch). The self-check's
 windows are taken from the run's own table, so replayed batches are checked
 against the forward function like eager ones.
@@ -26,12 +29,14 @@ import contextlib
 import dataclasses
 import threading
 import warnings
+from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils import _pytree as pytree
 
 from captum_krypton.engine.executor import Views
+from captum_krypton.kernels import choices_settled
 
 if TYPE_CHECKING:
     from captum_krypton.engine.occlusion import PreparedOcclusion
@@ -188,8 +193,11 @@ class PlanGraphs:
         if size in self._failed:
             return None
         graphed = self._batches.get(size)
-        if graphed is None and size not in self._seen and not eager_warm_up:
-            return None
+        if graphed is None and not eager_warm_up:
+            # The second time the plan runs this size, once the kernel choices are
+            # final: a graph keeps the kernels it was captured with.
+            if size not in self._seen or not choices_settled():
+                return None
         if self._state is None:
             self._state = GraphState(prepared)
             self._loaded = True
@@ -228,15 +236,42 @@ class _Session:
         self.graphs._seen.add(size)
 
 
-def plan_graphs(prepared: PreparedOcclusion, baseline_key: Any) -> PlanGraphs:
-    """The plan's graphs for this baseline (made on first use)."""
+def plan_graphs(prepared: PreparedOcclusion, key: Hashable) -> PlanGraphs:
+    """The plan's graphs for `key` (the baseline, `numerics_key()`), made on
+    first use."""
     table = prepared.plan.cuda_graphs
-    graphs = table.get(baseline_key)
+    graphs = table.get(key)
     if graphs is None:
-        while len(table) >= MAX_BASELINES:
+        while len(table) >= MAX_KEYS:
             table.pop(next(iter(table)))
-        graphs = table[baseline_key] = PlanGraphs()
+        graphs = table[key] = PlanGraphs()
     return graphs
+
+
+def numerics_key() -> tuple:
+    """The settings that a capture fixes but an eager batch reads at run time:
+    autocast, TF32 and reduced-precision reductions, deterministic algorithms. A
+    call under other settings gets graphs of its own, so that it computes what
+    its eager batches would."""
+    matmul = torch.backends.cuda.matmul
+    return (
+        torch.is_autocast_enabled("cuda"),
+        torch.get_autocast_dtype("cuda"),
+        torch.get_float32_matmul_precision(),
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.deterministic,
+        torch.are_deterministic_algorithms_enabled(),
+        matmul.allow_fp16_reduced_precision_reduction,
+        matmul.allow_bf16_reduced_precision_reduction,
+    )
+
+
+def release_graphs(plans: Iterable[Any]) -> None:
+    """Drop the plans' graphs and their memory pools (a batch ran out of memory):
+    later calls capture afresh. A call replaying some of them keeps them until it
+    ends."""
+    for plan in plans:
+        plan.cuda_graphs.clear()
 
 
 def memory_pool() -> Any:
@@ -244,8 +279,9 @@ def memory_pool() -> Any:
     return torch.cuda.graph_pool_handle()
 
 
-#: Baselines whose graphs a plan keeps (a scalar baseline is part of the graph).
-MAX_BASELINES = 2
+#: Graph sets a plan keeps, one per baseline and numerics (a scalar baseline is
+#: part of the graph).
+MAX_KEYS = 2
 
 
 _capture_streams: dict[torch.device, torch.cuda.Stream] = {}

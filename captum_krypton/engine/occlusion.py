@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 from captum_krypton.capture import CapturedGraph, UnsupportedForIncremental, evaluate
 from captum_krypton.capture.graph import not_one_tensor
 from captum_krypton.engine.executor import BatchRun, Views
-from captum_krypton.engine.graphs import PlanGraphs, plan_graphs
+from captum_krypton.engine.graphs import PlanGraphs, numerics_key, plan_graphs, release_graphs
 from captum_krypton.engine.path_choice import choose_path, needs_measurement
 from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.kernels import use_triton
@@ -373,6 +373,9 @@ class PreparedOcclusion:
                     if windows_per_batch == 1:
                         raise
                     windows_per_batch = max(1, windows_per_batch // 2)
+                    if graphs is not None:  # their memory pools go first
+                        graphs = None
+                        release_graphs(self.captured.plans.values())
                     torch.cuda.empty_cache()
                     continue
                 modified = _select_targets(output, _expand_target(target, count))
@@ -398,7 +401,7 @@ class PreparedOcclusion:
                 key: tuple = ("tensor", tuple(baseline.shape), baseline.dtype)
             else:
                 key = ("scalar", type(baseline).__name__, baseline)
-            graphs = plan_graphs(self, key)
+            graphs = plan_graphs(self, (key, numerics_key()))
         return graphs.session(self, eager_warm_up=bool(self.cuda_graphs))
 
 

@@ -75,3 +75,15 @@ def wait_for_compilation() -> None:
     module = sys.modules.get("captum_krypton.kernels.triton_conv")
     if module is not None:
         module.wait_for_compilation()
+
+
+def choices_settled() -> bool:
+    """Whether the kernel choices made so far are final: no background
+    compilation in flight, and no choice waiting to measure a candidate that was
+    compiling. A CUDA graph captured before then would keep a stand-in kernel."""
+    module = sys.modules.get("captum_krypton.kernels.triton_conv")
+    if module is not None and module.compiling():
+        return False
+    from captum_krypton.kernels import choice
+
+    return choice.settled()

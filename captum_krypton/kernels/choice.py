@@ -130,6 +130,11 @@ def _remember_on_disk(device: torch.device, key: Hashable, name: str) -> None:
             return
 
 
+def settled() -> bool:
+    """Whether no choice waits to measure a candidate that was compiling."""
+    return not _partial
+
+
 def chosen(key: Hashable) -> str | None:
     """The implementation measured fastest for `key`, if measured."""
     return _chosen.get(key)

@@ -269,6 +269,12 @@ def _finished(compiling: Future) -> None:
             _in_flight.remove(compiling)
 
 
+def compiling() -> bool:
+    """Whether a background compilation is still running."""
+    with _compiles_lock:
+        return bool(_in_flight)
+
+
 def wait_for_compilation() -> None:
     """Until every background compilation started so far has ended."""
     with _compiles_lock:
