@@ -171,7 +171,7 @@ def test_background_compilations_are_tracked_until_they_end(monkeypatch):
     that end at once (a warm Triton cache) and jobs that wait are both tracked
     in flight until they end, and wait_for_compilation waits for them."""
     pytest.importorskip("triton")
-    from captum_krypton.kernels import triton_conv, wait_for_compilation
+    from captum_krypton.kernels import choices_settled, triton_conv, wait_for_compilation
 
     gate = threading.Event()
     compiled = []
@@ -196,10 +196,12 @@ def test_background_compilations_are_tracked_until_they_end(monkeypatch):
     starter.join(10)
     assert not starter.is_alive()  # no deadlock on jobs that end before their callback
     assert triton_conv._in_flight  # the slow one
+    assert not choices_settled()  # no CUDA graph captures meanwhile
     again = triton_conv._compiled(("slow",), ["slow"], {"wait": True}, device, True)
     assert again is triton_conv._compiles[("slow",)]  # started once
     gate.set()
     wait_for_compilation()
+    assert choices_settled()  # at once, before the done-callbacks have run
     assert sorted(map(str, compiled)) == sorted(map(str, [*range(40), "slow"]))
     for _ in range(100):  # done-callbacks run just after the result is set
         if not triton_conv._in_flight:
@@ -234,3 +236,18 @@ def test_a_chosen_candidate_waits_for_every_compilation_it_defers_to(cache_file,
         assert runs == ["implicit_gemm"]
     finally:
         del choice._chosen[key]
+
+
+def test_a_capture_takes_the_fastest_measured_while_a_choice_is_open(cache_file, monkeypatch):
+    """A CUDA graph keeps what it captured: where a choice still waits to time a
+    candidate, the capture runs the fastest timed so far, not the first."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(choice, "_partial", {("conv", 1): {"cudnn": 2.0, "implicit_gemm": 0.5}})
+    candidates = {
+        "cudnn": lambda: "cudnn",
+        "implicit_gemm": lambda: "implicit_gemm",
+        "other": lambda: "other",
+    }
+    assert choice.fastest(("conv", 1), candidates, GPU) == "implicit_gemm"
+    assert choice.fastest(("conv", 2), candidates, GPU) == "cudnn"  # none timed: the first
+    assert choice.chosen(("conv", 1)) is None  # still open

@@ -16,8 +16,8 @@ batches read at run time (autocast, TF32, deterministic algorithms) key the
 graphs too (`numerics_key`).
 
 With `cuda_graphs=None` (the default) a batch size is captured the second time
-the plan runs it, so a one-off call pays no capture, and only once every kernel
-choice is final (no Triton kernel compiling in the background); `cuda_graphs=True` captures
+the plan runs it, so a one-off call pays no capture, and only while no Triton
+kernel compiles in the background; `cuda_graphs=True` captures
 at the first full batch (after one eager warm-up batch). The self-check's
 windows are taken from the run's own table, so replayed batches are checked
 against the forward function like eager ones.

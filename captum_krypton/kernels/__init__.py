@@ -78,12 +78,7 @@ def wait_for_compilation() -> None:
 
 
 def choices_settled() -> bool:
-    """Whether the kernel choices made so far are final: no background
-    compilation in flight, and no choice waiting to measure a candidate that was
-    compiling. A CUDA graph captured before then would keep a stand-in kernel."""
+    """Whether no Triton kernel compiles in the background: a CUDA graph captured
+    while one does would keep a stand-in for it (see `choice.fastest`)."""
     module = sys.modules.get("captum_krypton.kernels.triton_conv")
-    if module is not None and module.compiling():
-        return False
-    from captum_krypton.kernels import choice
-
-    return choice.settled()
+    return module is None or not module.compiling()

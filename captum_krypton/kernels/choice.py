@@ -2,8 +2,9 @@
 
 Like `cudnn.benchmark`: the first time a shape is seen on CUDA, every candidate
 runs (one warm-up, then timed with CUDA events) and the fastest is remembered for
-that shape for the rest of the process. On the CPU, and while a CUDA graph is
-being captured, the first candidate runs without measurement.
+that shape for the rest of the process. On the CPU the first candidate runs
+without measurement; while a CUDA graph is being captured, the fastest measured
+so far (the first candidate where none was).
 
 Choices are also kept on disk (`choice_cache_path`), keyed by the GPU's name and
 the torch and Triton versions, so that later processes on the same kind of GPU
@@ -130,11 +131,6 @@ def _remember_on_disk(device: torch.device, key: Hashable, name: str) -> None:
             return
 
 
-def settled() -> bool:
-    """Whether no choice waits to measure a candidate that was compiling."""
-    return not _partial
-
-
 def chosen(key: Hashable) -> str | None:
     """The implementation measured fastest for `key`, if measured."""
     return _chosen.get(key)
@@ -169,7 +165,12 @@ def fastest(key: Hashable, candidates: dict[str, Callable[[], T]], device: torch
     if known in candidates:
         return _run_ready(candidates[known])
     if len(names) == 1 or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return _run_ready(candidates[names[0]])
+        # No measurement here; while capturing, the fastest measured so far where
+        # a choice still waits to time a candidate that was compiling.
+        earlier = _partial.get(key) or {}
+        measured = [name for name in names if math.isfinite(earlier.get(name, math.inf))]
+        best = min(measured, key=earlier.__getitem__) if measured else names[0]
+        return _run_ready(candidates[best])
     known = _disk_choices(device).get(repr(key))
     if known in candidates:
         try:

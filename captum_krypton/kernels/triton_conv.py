@@ -272,7 +272,7 @@ def _finished(compiling: Future) -> None:
 def compiling() -> bool:
     """Whether a background compilation is still running."""
     with _compiles_lock:
-        return bool(_in_flight)
+        return any(not compiling.done() for compiling in _in_flight)
 
 
 def wait_for_compilation() -> None:
