@@ -256,10 +256,10 @@ def test_a_replay_out_of_memory_drops_the_graphs_and_finishes_eagerly(
     assert not plan.cuda_graphs  # released; the next call captures afresh
 
 
-def test_no_capture_while_a_kernel_choice_is_open(replayed_on_cpu, monkeypatch):
+def test_no_capture_while_a_kernel_compiles(replayed_on_cpu, monkeypatch):
     """A graph keeps the kernels it was captured with: while a Triton kernel
-    compiles in the background (or a choice waits to measure it), batches stay
-    eager; once the choices are final, the next batch is captured."""
+    compiles in the background, batches stay eager; once none does, the next
+    batch is captured."""
     model = _model("small_cnn")
     occlusion = IncrementalOcclusion(model)
     args = dict(sliding_window_shapes=(3, 4, 4), strides=2, target=0, windows_per_batch=8)
