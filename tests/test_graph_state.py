@@ -271,3 +271,18 @@ def test_no_capture_while_a_kernel_compiles(replayed_on_cpu, monkeypatch):
     monkeypatch.setattr(graphs, "choices_settled", lambda: True)
     occlusion.attribute(x, **args)
     assert replayed_on_cpu
+
+
+def test_cuda_graphs_true_warms_up_a_padded_batch_larger_than_the_grid(
+    replayed_on_cpu, prepared_calls
+):
+    """On CUDA a partial batch is padded to a multiple of 64 windows, which can
+    exceed the grid: the warm-up before the first capture must stay on the grid."""
+    model = _model("small_cnn")
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    IncrementalOcclusion(model).attribute(x, sliding_window_shapes=(3, 4, 4), strides=3, target=0)
+    prepared = prepared_calls[-1]
+    assert prepared.grid.num_windows < 64
+    with graphs.PlanGraphs().session(prepared, eager_warm_up=True) as session:
+        assert session.batch(64) is not None
+    assert replayed_on_cpu == []  # captured, not replayed yet

@@ -278,6 +278,8 @@ def trace_cache_key(inputs: torch.Tensor, additional_args: Sequence[Any]) -> tup
         if isinstance(value, torch.Tensor):
             batch = "batch" if is_per_example(value, examples) else tuple(value.shape[:1])
             return ("tensor", batch, tuple(value.shape[1:]), value.dtype, value.device)
+        if isinstance(value, float):  # repr: -0.0 is not 0.0 to a traced constant
+            return ("value", float, repr(value))
         try:
             hash(value)
             return ("value", type(value), value)

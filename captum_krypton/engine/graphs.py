@@ -209,7 +209,9 @@ class PlanGraphs:
         if graphed is not None:
             return graphed
         if size not in self._seen:  # cuda_graphs=True: warm caches, kernel choices
-            prepared.run_window_ids(torch.arange(size, device=prepared.inputs.device))
+            # (a padded batch may hold more rows than the grid has windows)
+            every = torch.arange(size, device=prepared.inputs.device)
+            prepared.run_window_ids(every % prepared.grid.num_windows)
             self._seen.add(size)
         if self._pool is None:
             self._pool = memory_pool()

@@ -400,7 +400,8 @@ class PreparedOcclusion:
             if isinstance(baseline, torch.Tensor):
                 key: tuple = ("tensor", tuple(baseline.shape), baseline.dtype)
             else:
-                key = ("scalar", type(baseline).__name__, baseline)
+                # repr, not the value: 0.0 == -0.0, but a graph bakes the scalar in
+                key = ("scalar", type(baseline).__name__, repr(baseline))
             graphs = plan_graphs(self, (key, numerics_key()))
         return graphs.session(self, eager_warm_up=bool(self.cuda_graphs))
 
