@@ -88,3 +88,42 @@ def exact_cuda_math():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def emulate_cuda_graphs(monkeypatch, stand_in) -> None:
+    """CUDA graphs on the CPU (engine/graphs.py): `stand_in(state, size)` takes
+    the place of a capture, and its `run(ids)` of a replay; `cuda_graphs` is
+    honoured as on CUDA."""
+    from captum_krypton.engine import graphs
+    from captum_krypton.engine.occlusion import PreparedOcclusion
+
+    monkeypatch.setattr(graphs, "memory_pool", lambda: None)
+    monkeypatch.setattr(
+        graphs.GraphedBatch,
+        "capture",
+        classmethod(lambda cls, state, size, pool=None, announce=True: stand_in(state, size)),
+    )
+    choose = PreparedOcclusion.choose_kernels
+
+    def on_cpu_too(self, kernels, cuda_graphs):
+        choose(self, kernels, cuda_graphs)
+        self.cuda_graphs = cuda_graphs
+        return self
+
+    monkeypatch.setattr(PreparedOcclusion, "choose_kernels", on_cpu_too)
+
+
+@pytest.fixture
+def prepared_calls(monkeypatch):
+    """Every PreparedOcclusion whose windows ran, in order."""
+    from captum_krypton.engine.occlusion import PreparedOcclusion
+
+    calls = []
+    fill = PreparedOcclusion.fill_diffs
+
+    def recording(self, *args, **kwargs):
+        calls.append(self)
+        return fill(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreparedOcclusion, "fill_diffs", recording)
+    return calls

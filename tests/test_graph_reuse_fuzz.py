@@ -29,7 +29,7 @@ from captum_krypton.engine import graphs
 from captum_krypton.engine.executor import BatchRun
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.kernels import triton_importable
-from tests.conftest import FP64_TOLERANCE, assert_close_to_captum
+from tests.conftest import FP64_TOLERANCE, assert_close_to_captum, emulate_cuda_graphs
 
 #: Approximate calls with graphs against the same calls without: equal to this
 #: (relative to the map's scale).
@@ -82,20 +82,7 @@ def graphs_on_cpu(monkeypatch):
     values went into a state made by an earlier call)."""
     _GraphOnCpu.replays, _GraphOnCpu.plans = [], []
     loads: list[bool] = []
-    monkeypatch.setattr(graphs, "memory_pool", lambda: None)
-    monkeypatch.setattr(
-        graphs.GraphedBatch,
-        "capture",
-        classmethod(lambda cls, state, size, pool=None, announce=True: _GraphOnCpu(state, size)),
-    )
-    choose = PreparedOcclusion.choose_kernels
-
-    def on_cpu_too(self, kernels, cuda_graphs):
-        choose(self, kernels, cuda_graphs)
-        self.cuda_graphs = cuda_graphs
-        return self
-
-    monkeypatch.setattr(PreparedOcclusion, "choose_kernels", on_cpu_too)
+    emulate_cuda_graphs(monkeypatch, _GraphOnCpu)
     load = graphs.GraphState.load
 
     def recorded_load(self, prepared):
@@ -105,20 +92,6 @@ def graphs_on_cpu(monkeypatch):
 
     monkeypatch.setattr(graphs.GraphState, "load", recorded_load)
     return {"replays": _GraphOnCpu.replays, "plans": _GraphOnCpu.plans, "loads": loads}
-
-
-@pytest.fixture
-def prepared_calls(monkeypatch):
-    """Every PreparedOcclusion whose windows ran."""
-    calls: list[PreparedOcclusion] = []
-    fill = PreparedOcclusion.fill_diffs
-
-    def recording(self, *args, **kwargs):
-        calls.append(self)
-        return fill(self, *args, **kwargs)
-
-    monkeypatch.setattr(PreparedOcclusion, "fill_diffs", recording)
-    return calls
 
 
 # ------------------------------------------------------------------ models

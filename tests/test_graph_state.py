@@ -25,7 +25,7 @@ from captum_krypton.engine import graphs
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.windows import WindowGrid
 from tests import models
-from tests.conftest import FP64_TOLERANCE, assert_close_to_captum
+from tests.conftest import FP64_TOLERANCE, assert_close_to_captum, emulate_cuda_graphs
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -43,20 +43,6 @@ def _model(name: str) -> nn.Module:
     if name == "small_cnn":
         return models.small_cnn(models.SmallCNN).double().eval()
     return _randomized(getattr(torchvision.models, name)(weights=None, num_classes=7))
-
-
-@pytest.fixture
-def prepared_calls(monkeypatch):
-    """Each call's PreparedOcclusion, as the engine runs its windows."""
-    calls: list[PreparedOcclusion] = []
-    fill = PreparedOcclusion.fill_diffs
-
-    def recording(self, *args, **kwargs):
-        calls.append(self)
-        return fill(self, *args, **kwargs)
-
-    monkeypatch.setattr(PreparedOcclusion, "fill_diffs", recording)
-    return calls
 
 
 @pytest.mark.parametrize(
@@ -147,20 +133,7 @@ class _EagerReplay:
 def replayed_on_cpu(monkeypatch):
     """Graphs as on CUDA, with `_EagerReplay` for capture and replay."""
     _EagerReplay.replays = []
-    monkeypatch.setattr(graphs, "memory_pool", lambda: None)
-    monkeypatch.setattr(
-        graphs.GraphedBatch,
-        "capture",
-        classmethod(lambda cls, state, size, pool=None, announce=True: _EagerReplay(state, size)),
-    )
-    choose = PreparedOcclusion.choose_kernels
-
-    def on_cpu_too(self, kernels, cuda_graphs):
-        choose(self, kernels, cuda_graphs)
-        self.cuda_graphs = cuda_graphs
-        return self
-
-    monkeypatch.setattr(PreparedOcclusion, "choose_kernels", on_cpu_too)
+    emulate_cuda_graphs(monkeypatch, _EagerReplay)
     return _EagerReplay.replays
 
 
