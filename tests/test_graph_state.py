@@ -259,3 +259,20 @@ def test_cuda_graphs_true_warms_up_a_padded_batch_larger_than_the_grid(
     with graphs.PlanGraphs().session(prepared, eager_warm_up=True) as session:
         assert session.batch(64) is not None
     assert replayed_on_cpu == []  # captured, not replayed yet
+
+
+def test_only_the_last_used_plans_keep_graphs(replayed_on_cpu, prepared_calls, monkeypatch):
+    """Graphs hold their batches' memory: calls on several input shapes keep them
+    for the plans used last (graphs.MAX_GRAPHED_PLANS per device)."""
+    monkeypatch.setattr(graphs, "MAX_GRAPHED_PLANS", 2)
+    monkeypatch.setattr(graphs, "_graphed_plans", {})
+    model = _model("small_cnn")
+    occlusion = IncrementalOcclusion(model)
+    args = dict(sliding_window_shapes=(3, 4, 4), strides=2, target=0, cuda_graphs=True)
+    sizes = (12, 14, 16, 12)
+    for size in sizes:
+        occlusion.attribute(torch.randn(1, 3, size, size, dtype=torch.float64), **args)
+    plans = {size: p.plan for size, p in zip(sizes, prepared_calls)}
+    assert len({id(plan) for plan in plans.values()}) == 3
+    graphed = {size for size, plan in plans.items() if plan.cuda_graphs}
+    assert graphed == {12, 16}  # 14 was used before 16 and the second call on 12

@@ -25,10 +25,12 @@ against the forward function like eager ones.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import threading
 import warnings
+import weakref
 from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -241,12 +243,14 @@ class _Session:
 def plan_graphs(prepared: PreparedOcclusion, key: Hashable) -> PlanGraphs:
     """The plan's graphs for `key` (the baseline, `numerics_key()`), made on
     first use."""
-    table = prepared.plan.cuda_graphs
+    plan = prepared.plan
+    table = plan.cuda_graphs
     graphs = table.get(key)
     if graphs is None:
         while len(table) >= MAX_KEYS:
             table.pop(next(iter(table)))
         graphs = table[key] = PlanGraphs()
+    _keep_graphs_of(plan, prepared.inputs.device)
     return graphs
 
 
@@ -269,9 +273,9 @@ def numerics_key() -> tuple:
 
 
 def release_graphs(plans: Iterable[Any]) -> None:
-    """Drop the plans' graphs and their memory pools (a batch ran out of memory):
-    later calls capture afresh. A call replaying some of them keeps them until it
-    ends."""
+    """Drop the plans' graphs and their memory pools (a batch ran out of memory,
+    or other plans are in use): later calls capture afresh. A call replaying
+    some of them keeps them until it ends."""
     for plan in plans:
         plan.cuda_graphs.clear()
 
@@ -279,6 +283,30 @@ def release_graphs(plans: Iterable[Any]) -> None:
 def memory_pool() -> Any:
     """A new memory pool for one plan's graphs (torch.cuda.graph_pool_handle)."""
     return torch.cuda.graph_pool_handle()
+
+
+#: Plans that keep graphs at a time, per device (graphs hold their batches'
+#: memory): the last used.
+MAX_GRAPHED_PLANS = 3
+_graphed_plans: dict[Any, collections.OrderedDict] = {}
+_graphed_plans_lock = threading.Lock()
+
+
+def _keep_graphs_of(plan: Any, device: torch.device) -> None:
+    """Mark `plan` the last used on `device`; release the graphs of the plans
+    used longest ago beyond MAX_GRAPHED_PLANS (other input shapes, windows,
+    settings or models)."""
+    with _graphed_plans_lock:
+        recent = _graphed_plans.setdefault(device, collections.OrderedDict())
+        recent[id(plan)] = weakref.ref(plan)
+        recent.move_to_end(id(plan))
+        for ident, ref in list(recent.items()):
+            if ref() is None:
+                del recent[ident]
+        stale = []
+        while len(recent) > MAX_GRAPHED_PLANS:
+            stale.append(recent.popitem(last=False)[1]())
+    release_graphs(p for p in stale if p is not None)
 
 
 #: Graph sets a plan keeps, one per baseline and numerics (a scalar baseline is
