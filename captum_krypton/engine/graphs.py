@@ -196,8 +196,8 @@ class PlanGraphs:
             return None
         graphed = self._batches.get(size)
         if graphed is None and not eager_warm_up:
-            # The second time the plan runs this size, once the kernel choices are
-            # final: a graph keeps the kernels it was captured with.
+            # The second time the plan runs this size, and while no kernel compiles
+            # in the background: a graph keeps the kernels it was captured with.
             if size not in self._seen or not choices_settled():
                 return None
         if self._state is None:
