@@ -135,39 +135,41 @@ class UNetish(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-class Net1d(nn.Module):
-    """Conv1d-BN-ReLU, max-pool, conv, linear upsample, residual add, pool, linear."""
+class NetNd(nn.Module):
+    """Conv-BN-ReLU, max-pool, conv, (an upsample added back), pool, linear, over
+    `dims` spatial dimensions."""
 
-    def __init__(self, classes: int = 3):
+    def __init__(self, dims: int, channels: int, width: int, upsample: str | None = None):
         super().__init__()
-        self.conv1 = nn.Conv1d(4, 8, 5, padding=2)
-        self.bn1 = nn.BatchNorm1d(8)
-        self.pool = nn.MaxPool1d(2)
-        self.conv2 = nn.Conv1d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, classes)
+        conv, norm, pool = {
+            1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),
+            3: (nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d),
+        }[dims]
+        self.upsample = upsample
+        self.conv1 = conv(channels, width, 5 if upsample else 3, padding=2 if upsample else 1)
+        self.bn1 = norm(width)
+        self.pool = pool(2)
+        self.conv2 = conv(width, width, 3, padding=1)
+        self.fc = nn.Linear(width, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.conv1(x)))
         y = torch.relu(self.conv2(self.pool(x)))
-        x = x + F.interpolate(y, scale_factor=2, mode="linear", align_corners=False)
-        return self.fc(x.mean(2))
+        if self.upsample is None:
+            x = y
+        else:
+            x = x + F.interpolate(y, scale_factor=2, mode=self.upsample, align_corners=False)
+        return self.fc(x.flatten(2).mean(2))
 
 
-class Net3d(nn.Module):
+def Net1d() -> nn.Module:
+    """Conv1d-BN-ReLU, max-pool, conv, linear upsample, residual add, pool, linear."""
+    return NetNd(1, 4, 8, upsample="linear")
+
+
+def Net3d() -> nn.Module:
     """Conv3d-BN-ReLU, max-pool, conv, pool, linear."""
-
-    def __init__(self, classes: int = 3):
-        super().__init__()
-        self.conv1 = nn.Conv3d(2, 4, 3, padding=1)
-        self.bn1 = nn.BatchNorm3d(4)
-        self.pool = nn.MaxPool3d(2)
-        self.conv2 = nn.Conv3d(4, 4, 3, padding=1)
-        self.fc = nn.Linear(4, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.conv2(self.pool(x)))
-        return self.fc(x.mean((2, 3, 4)))
+    return NetNd(3, 2, 4)
 
 
 class SENet(nn.Module):
