@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from captum._utils.typing import BaselineType, TargetType, TensorOrTupleOfTensorsGeneric
 from captum.attr import Occlusion
@@ -22,9 +23,14 @@ from captum_krypton.capture import UnsupportedForIncremental
 from captum_krypton.devices_path import path_on_devices
 from captum_krypton.engine.call import CaptumArguments
 from captum_krypton.engine.preparer import Preparer
-from captum_krypton.engine.progressive import OcclusionProgress, OcclusionReport
+from captum_krypton.engine.progressive import (
+    OcclusionProgress,
+    OcclusionReport,
+    first_pass_windows,
+)
 from captum_krypton.engine.self_check import SelfCheckFailed
 from captum_krypton.engine.settings import EngineSettings, Kernels
+from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.errors import FallbackWarning, IncrementalNotApplicable, OnceWarnings
 from captum_krypton.options import (
     Engine,
@@ -394,8 +400,14 @@ class IncrementalOcclusion(Occlusion):
             return path_on_devices(
                 self, self._sharded, call, options, report_batches, self._warnings
             )
+
+        def first_windows(grid: WindowGrid) -> np.ndarray:
+            return first_pass_windows(
+                grid, options.approximation, options.target_ssim, options.window_ids(grid)
+            )
+
         prepared = self._preparer.prepare(
-            self.forward_func, call, options.settings, options.first_pass
+            self.forward_func, call, options.settings, options.first_pass, first_windows
         )
         return ProgressivePath(prepared, call, options, report_batches, self.get_name())
 

@@ -154,6 +154,50 @@ def test_cuda_approximations_stream_and_drilldown_of_every_window(exact_cuda_mat
     assert attribution_ssim(chosen, exact).shape == (1,)
 
 
+def test_cuda_calibration_maps_and_ssims_equal_the_cpus():
+    """On CUDA the accumulation, the calibration's maps and their SSIMs run on
+    the GPU: the sums are the CPU's bits, the SSIMs agree to 1e-12, and a
+    target_ssim call in float64 chooses what the same call on the CPU chooses."""
+    import numpy as np
+
+    from captum_krypton import IncrementalOcclusion
+    from captum_krypton.approx.quality import attribution_ssim_many
+    from captum_krypton.demo.data import make_dataset, normalize
+    from captum_krypton.demo.model import load_demo_model
+    from captum_krypton.engine.windows import WindowGrid
+
+    grid = WindowGrid((3, 64, 64), (3, 8, 8), (1, 2, 2))
+    diffs = torch.randn(grid.num_windows, 4, dtype=torch.float64)
+    total, count = grid.accumulate(diffs)
+    cuda_total, cuda_count = grid.accumulate(diffs.cuda())
+    assert cuda_total.is_cuda and torch.equal(cuda_total.cpu(), total)
+    assert torch.equal(cuda_count.cpu(), count)
+    maps = torch.randn(5, 1, 60, 61, dtype=torch.float64)
+    noisy = maps + 0.3 * torch.randn_like(maps)
+    np.testing.assert_allclose(
+        attribution_ssim_many(noisy.cuda(), maps.cuda()),
+        attribution_ssim_many(noisy, maps),
+        atol=1e-12,
+    )
+    images, labels = make_dataset(3, seed=2027)
+    for name in ("cnn", "resnet"):
+        model = load_demo_model(name).double()
+        for image, label in zip(images, labels):
+            x = normalize(image)[None].double()
+            args = dict(sliding_window_shapes=(3, 6, 6), strides=2, target=int(label))
+            chosen = {}
+            for device in ("cpu", "cuda"):
+                occlusion = IncrementalOcclusion(model.to(device))
+                occlusion.attribute(x.to(device), target_ssim=0.9, **args)
+                run = occlusion.last_run
+                chosen[device] = (run.approximation, run.windows_computed)
+            approximation, windows = chosen["cuda"]
+            expected, expected_windows = chosen["cpu"]
+            assert windows == expected_windows
+            assert approximation.drilldown == expected.drilldown
+            assert approximation.estimated_ssim == pytest.approx(expected.estimated_ssim, abs=1e-9)
+
+
 def test_cuda_many_images_equal_per_image_calls(exact_cuda_math):
     from captum_krypton import IncrementalOcclusion
 

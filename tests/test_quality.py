@@ -9,7 +9,7 @@ from captum.attr import Occlusion
 from skimage.metrics import structural_similarity
 
 from captum_krypton import IncrementalOcclusion, attribution_ssim
-from captum_krypton.approx.quality import attribution_ssim_many
+from captum_krypton.approx.quality import _ssim_many_on_device, attribution_ssim_many
 from captum_krypton.demo.data import make_dataset, normalize
 from captum_krypton.demo.model import load_demo_model
 
@@ -59,6 +59,25 @@ def test_many_maps_at_once_score_as_scikit_image_does(shape):
     assert attribution_ssim_many(
         flat + torch.tensor([0.0, 1.0])[:, None, None, None], flat
     ).tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "shape", [(4, 3, 48, 48), (3, 1, 32, 29), (2, 2, 20), (2, 3, 9, 10, 11), (2, 3, 5, 5)]
+)
+def test_many_maps_in_torch_score_as_scikit_image_does(shape):
+    """The torch path (taken on a GPU, run here on the CPU) against scikit-image."""
+    torch.manual_seed(1)
+    exact = torch.randn(shape, dtype=torch.float64)
+    noisy = exact + 0.4 * torch.randn(shape, dtype=torch.float64)
+    same_channels = (noisy[:, :1].expand(shape), exact[:, :1].expand(shape))
+    for ours, reference in ((noisy, exact), same_channels):
+        expected = attribution_ssim(ours, reference)
+        np.testing.assert_allclose(_ssim_many_on_device(ours, reference), expected, atol=1e-12)
+    expected = attribution_ssim(noisy[:1].expand(shape), exact)
+    np.testing.assert_allclose(_ssim_many_on_device(noisy[:1], exact), expected, atol=1e-12)
+    flat = torch.zeros(2, 3, 8, 8, dtype=torch.float64)
+    shifted = flat + torch.tensor([0.0, 1.0], dtype=torch.float64)[:, None, None, None]
+    assert _ssim_many_on_device(shifted, flat).tolist() == [1.0, 0.0]
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet"])

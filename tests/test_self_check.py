@@ -16,6 +16,7 @@ from captum.attr import Occlusion
 from torch import nn
 
 from captum_krypton import FallbackWarning, IncrementalNotApplicable, IncrementalOcclusion
+from captum_krypton.engine import self_check
 from captum_krypton.engine.self_check import check_window_ids
 from captum_krypton.ops import pooling
 from tests import models
@@ -358,6 +359,36 @@ def test_later_calls_run_no_batch_shape_the_first_call_did_not():
     first, second, third = (set(sizes) for sizes in seen)
     assert occlusion.last_run.self_check is not None
     assert second and second <= first and third == second
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"drilldown": 0.2}, {"drilldown": 0.3, "drilldown_factor": 2}, {"target_ssim": 0.9}],
+)
+def test_later_calls_check_windows_their_first_pass_computes(options, monkeypatch):
+    """Later calls run the clean input and the checked windows, two forwards of
+    the first call's shapes; the checked windows are chosen among those the
+    call computes first (drill-down's lattice, the calibration's sample), so no
+    third forward runs for the check. Six windows are checked, as on CUDA."""
+    monkeypatch.setattr(self_check, "MIN_CHECK_WINDOWS", self_check.MAX_CHECK_WINDOWS)
+    model = models.small_cnn()
+    forwards: list[int] = []
+
+    def record(module, args):
+        if isinstance(args[0].shape[0], int):  # not while the capture traces it
+            forwards.append(args[0].shape[0])
+
+    model.register_forward_pre_hook(record)
+    occlusion = IncrementalOcclusion(model)
+    inputs = torch.randn(1, 3, 24, 24)
+    kwargs = dict(sliding_window_shapes=(3, 4, 4), strides=1, target=0, **options)
+    occlusion.attribute(inputs, **kwargs)
+    forwards.clear()
+    occlusion.attribute(inputs, **kwargs)
+    report = occlusion.last_run.self_check
+    assert report is not None and len(report.windows) == self_check.MAX_CHECK_WINDOWS
+    assert sorted(forwards) == [1, len(report.windows)]
+    assert occlusion.last_run.windows_computed < 441 or not options
 
 
 class Cancelling(nn.Module):

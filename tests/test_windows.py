@@ -68,3 +68,24 @@ def test_one_channel_grid_gives_each_channels_map(shape, window, strides):
     one = one_total.numpy() / one_count.numpy()
     assert one.shape == (2, 1, *shape[1:])
     np.testing.assert_array_equal(np.broadcast_to(one, full.shape), full)
+
+
+@pytest.mark.parametrize(
+    "shape, window, strides",
+    [
+        ((3, 20, 17), (3, 5, 4), (1, 3, 2)),
+        ((2, 7, 7), (1, 7, 2), (1, 1, 2)),
+        ((1, 11), (1, 4), (1, 3)),
+        ((4, 9, 8, 7), (4, 3, 3, 2), (4, 2, 1, 2)),
+        ((3, 8, 8), (3, 8, 8), (1, 1, 1)),
+    ],
+)
+def test_accumulation_in_torch_gives_numpys_bits(shape, window, strides):
+    """On a GPU the accumulation runs in torch there (`_accumulate_on_device`);
+    here the same torch code runs on the CPU, against the numpy path."""
+    grid = WindowGrid(shape, window, strides)
+    diffs = torch.randn(grid.num_windows, 3, dtype=torch.float64)
+    total, count = grid.accumulate(diffs)
+    device_total, device_count = grid._accumulate_on_device(diffs)
+    assert torch.equal(device_total, total) and torch.equal(device_count, count)
+    assert total.shape == (3, *shape) and total.is_contiguous()

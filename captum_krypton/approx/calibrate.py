@@ -362,8 +362,10 @@ class _DrillDown:
         self.errors: dict[float, float] = {}
         self._windows: dict[float, int] = {}
 
-    def _map(self, diffs: np.ndarray) -> np.ndarray:
-        return self._heatmap(torch.from_numpy(diffs)).numpy()
+    def _map(self, diffs: np.ndarray) -> torch.Tensor:
+        """The map of every window's differences, where `heatmap` makes it (on a
+        GPU: there, with the SSIMs that compare it)."""
+        return self._heatmap(torch.from_numpy(diffs))
 
     def order(self, fraction: float) -> np.ndarray:
         """The windows the refinement to `fraction` computes, best first."""

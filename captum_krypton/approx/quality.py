@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
@@ -36,8 +40,7 @@ def attribution_ssim(approximate: torch.Tensor, exact: torch.Tensor) -> np.ndarr
         if data_range == 0.0:
             scores.append(1.0 if np.array_equal(a, e) else 0.0)
             continue
-        side = min(a.shape[1:])
-        window = min(DEFAULT_WINDOW, side if side % 2 else side - 1)
+        window = _window_side(a.shape[1:])
         if window < 3:  # no room for a structural window: 1 - RMSE / range instead
             error = np.sqrt(np.mean((a - e) ** 2)) / data_range
             scores.append(float(max(0.0, 1.0 - error)))
@@ -65,12 +68,13 @@ def attribution_ssim_many(
         approximate.shape[0] != 1 or approximate.shape[1:] != exact.shape[1:]
     ):
         raise ValueError(f"shapes differ: {tuple(approximate.shape)} vs {tuple(exact.shape)}")
+    if _on_gpu(approximate) and _on_gpu(exact):
+        return _ssim_many_on_device(approximate, exact)
     ours, reference = _float64(approximate), _float64(exact)
     if (ours == ours[:, :1]).all() and (reference == reference[:, :1]).all():
         ours, reference = ours[:, :1], reference[:, :1]  # the same map on every channel
     spatial = ours.ndim - 2
-    side = min(ours.shape[2:], default=0)
-    window = min(DEFAULT_WINDOW, side if side % 2 else side - 1)
+    window = _window_side(ours.shape[2:])
     if not 1 <= spatial <= 3 or window < 3:
         ours = np.broadcast_to(ours, reference.shape).copy()
         return attribution_ssim(torch.from_numpy(ours), torch.from_numpy(reference))
@@ -85,22 +89,8 @@ def attribution_ssim_many(
 
     flat = reference.reshape(len(reference), -1)
     data_range = flat.max(axis=1) - flat.min(axis=1)
-    shape = (-1,) + (1,) * (spatial + 1)
-    points = window**spatial
-    covariance = points / (points - 1)
-    if len(ours) == len(reference):
-        products = np.stack([ours, reference, ours * ours, reference * reference, ours * reference])
-        ux, uy, uxx, uyy, uxy = mean(products)
-    else:  # one map against many: its own means once
-        ux, uxx = mean(np.stack([ours, ours * ours]))
-        uy, uyy, uxy = mean(np.stack([reference, reference * reference, ours * reference]))
-    vx = covariance * (uxx - ux * ux)
-    vy = covariance * (uyy - uy * uy)
-    vxy = covariance * (uxy - ux * uy)
-    c1 = (0.01 * data_range).reshape(shape) ** 2
-    c2 = (0.03 * data_range).reshape(shape) ** 2
     with np.errstate(divide="ignore", invalid="ignore"):
-        score = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+        score = _ssim_map(_means(ours, reference, mean, np.stack), data_range, window**spatial)
     scores = score.reshape(*score.shape[:2], -1).mean(axis=2).mean(axis=1)
     constant = data_range == 0
     if constant.any():
@@ -109,12 +99,70 @@ def attribution_ssim_many(
     return scores
 
 
+def _ssim_many_on_device(approximate: torch.Tensor, exact: torch.Tensor) -> np.ndarray:
+    """`attribution_ssim_many` in torch on the maps' GPU: the same formula, with
+    the uniform window's means as a valid average pooling (the part of scipy's
+    filter that scikit-image keeps)."""
+    ours, reference = approximate.detach().double(), exact.detach().double()
+    if (ours == ours[:, :1]).all() and (reference == reference[:, :1]).all():
+        ours, reference = ours[:, :1], reference[:, :1]
+    spatial = ours.dim() - 2
+    window = _window_side(tuple(ours.shape[2:]))
+    if not 1 <= spatial <= 3 or window < 3:
+        return attribution_ssim_many(ours.cpu(), reference.cpu())
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[spatial - 1]
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        pooled = pool(x.reshape(-1, 1, *x.shape[3:]), window, stride=1)
+        return pooled.reshape(*x.shape[:3], *pooled.shape[2:])
+
+    flat = reference.reshape(len(reference), -1)
+    data_range = flat.amax(dim=1) - flat.amin(dim=1)
+    score = _ssim_map(_means(ours, reference, mean, torch.stack), data_range, window**spatial)
+    scores = score.reshape(*score.shape[:2], -1).mean(dim=2).mean(dim=1)
+    constant = data_range == 0
+    if bool(constant.any()):
+        equal = (ours == reference).reshape(len(reference), -1).all(dim=1).double()
+        scores = torch.where(constant, equal, scores)
+    return scores.cpu().numpy()
+
+
+def _window_side(spatial_shape: tuple[int, ...]) -> int:
+    """SSIM's window: scikit-image's 7, shrunk (odd) to fit the smallest side."""
+    side = min(spatial_shape, default=0)
+    return min(DEFAULT_WINDOW, side if side % 2 else side - 1)
+
+
+def _means(ours: Any, reference: Any, mean: Callable, stack: Callable) -> tuple:
+    """Windowed means of x, y, x*x, y*y and x*y; one map `ours` against many
+    references takes its own means once."""
+    if len(ours) == len(reference):
+        products = stack([ours, reference, ours * ours, reference * reference, ours * reference])
+        return tuple(mean(products))
+    ux, uxx = mean(stack([ours, ours * ours]))
+    uy, uyy, uxy = mean(stack([reference, reference * reference, ours * reference]))
+    return ux, uy, uxx, uyy, uxy
+
+
+def _ssim_map(means: tuple, data_range: Any, points: int) -> Any:
+    """scikit-image's SSIM at each window position, from the windowed means
+    (sample covariance, K1 = 0.01, K2 = 0.03); numpy arrays or tensors alike."""
+    ux, uy, uxx, uyy, uxy = means
+    covariance = points / (points - 1)
+    vx = covariance * (uxx - ux * ux)
+    vy = covariance * (uyy - uy * uy)
+    vxy = covariance * (uxy - ux * uy)
+    shape = (-1,) + (1,) * (ux.ndim - 1)
+    c1 = (0.01 * data_range).reshape(shape) ** 2
+    c2 = (0.03 * data_range).reshape(shape) ** 2
+    return ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+
+
+def _on_gpu(values: torch.Tensor | np.ndarray) -> bool:
+    return isinstance(values, torch.Tensor) and values.device.type != "cpu"
+
+
 def _float64(values: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(values, np.ndarray):
         return values.astype(np.float64, copy=False)
     return values.detach().double().cpu().numpy()
-
-
-def _along(axis: int, part: slice) -> tuple:
-    """An index taking `part` of `axis` and all of the axes before it."""
-    return (slice(None),) * axis + (part,)

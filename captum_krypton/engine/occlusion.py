@@ -308,9 +308,9 @@ class PreparedOcclusion:
         total, count = self.grid.accumulate(diffs)
         return total.to(dtype).float() / count.float()
 
-    def cpu_attribution(self, diffs: torch.Tensor, one_channel: bool = False) -> torch.Tensor:
-        """`attribution_from` in float64 on the CPU (computed in numpy), without
-        Captum's rounding to the output's dtype: what calibration compares.
+    def attribution_float64(self, diffs: torch.Tensor, one_channel: bool = False) -> torch.Tensor:
+        """`attribution_from` in float64 on diffs' device, without Captum's
+        rounding to the output's dtype: what calibration compares.
 
         one_channel: where every window spans all channels, each channel's map is
         the same; then only one is computed, (N, 1, *spatial), which SSIM scores
@@ -319,7 +319,7 @@ class PreparedOcclusion:
         if one_channel and grid.counts[0] == 1:
             grid = _one_channel(grid)
         total, count = grid.accumulate(diffs)
-        return torch.from_numpy(total.numpy() / count.numpy())
+        return total / count
 
     def partial_attribution(
         self, diffs: torch.Tensor, computed: np.ndarray, dtype: torch.dtype

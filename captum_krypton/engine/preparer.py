@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from captum._utils.common import _format_additional_forward_args
 from captum.attr._utils.common import _format_input_baseline
@@ -21,6 +22,7 @@ from captum_krypton.engine.call import CaptumArguments
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.self_check import prepare_checks
 from captum_krypton.engine.settings import EngineSettings
+from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.plan import EXACT, PlanApproximation
 
 
@@ -37,11 +39,14 @@ class Preparer:
         call: CaptumArguments,
         settings: EngineSettings,
         approximation: PlanApproximation = EXACT,
+        first_windows: Callable[[WindowGrid], np.ndarray] | None = None,
     ) -> PreparedOcclusion:
         """The engine's state for `call` of `forward_func`, after the checks that
         come before any window (engine/self_check.py): the trace and batch layout
-        checks always, the batch check with `settings.self_check`. Raises Captum's
-        assertions for bad windows, UnsupportedForIncremental or SelfCheckFailed."""
+        checks always, the batch check with `settings.self_check`, on windows
+        among `first_windows(grid)` (the windows the call computes first; None:
+        any). Raises Captum's assertions for bad windows,
+        UnsupportedForIncremental or SelfCheckFailed."""
         windows, strides = call.window_shapes()
         ppe = call.perturbations_per_eval
         assert isinstance(ppe, int) and ppe >= 1, (
@@ -67,7 +72,8 @@ class Preparer:
             additional_args=extra,
         )
         _check_captum_batch_sizes(captured, prepared.grid.num_windows, inputs[0].shape[0], ppe)
-        prepare_checks(prepared, settings.self_check)
+        candidates = None if first_windows is None else first_windows(prepared.grid)
+        prepare_checks(prepared, settings.self_check, candidates)
         return prepared
 
 

@@ -33,6 +33,7 @@ from captum_krypton.approx.calibrate import (
 from captum_krypton.approx.settings import Approximation
 from captum_krypton.engine.occlusion import PreparedOcclusion
 from captum_krypton.engine.self_check import SelfCheckReport, WindowCheck
+from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.plan import EXACT, PlanApproximation
 
 Stage = Literal["exact", "approximate", "coarse", "refine"]
@@ -102,6 +103,25 @@ class OcclusionReport:
     self_check: SelfCheckReport | None = None
 
 
+def first_pass_windows(
+    grid: WindowGrid,
+    approximation: Approximation,
+    target_ssim: float | None = None,
+    window_ids: np.ndarray | None = None,
+) -> np.ndarray:
+    """The windows a run computes first, exactly where it drills down: drill-down's
+    lattice, with the calibration's sample under a target SSIM; else the
+    requested windows (`window_ids`; None: every one). The self-check picks its
+    windows among them, so that it checks windows the run computes anyway."""
+    if target_ssim is not None:
+        return first_windows(grid.counts, approximation.drilldown_factor)
+    if approximation.drilldown is not None:
+        return dd.window_ids(
+            grid.counts, dd.coarse_lattice(grid.counts, approximation.drilldown_factor)
+        )
+    return np.arange(grid.num_windows) if window_ids is None else window_ids
+
+
 class ProgressiveRun:
     """Computes one attribution, stage by stage; iterate `steps()` to drive it.
 
@@ -165,15 +185,11 @@ class ProgressiveRun:
         self._lattice: tuple[np.ndarray, ...] | None = None
         self._lattice_ids = np.zeros(0, dtype=np.int64)
         self._lattice_diffs: torch.Tensor | None = None
-        ids = np.arange(grid.num_windows) if self._window_ids is None else self._window_ids
+        ids = first_pass_windows(grid, self.approximation, self._target_ssim, self._window_ids)
         self._planned = len(ids)
         self._stage: Stage = "exact" if self.approximation.exact else "approximate"
         if drilling:
             self._set_lattice(self.approximation.drilldown_factor)
-            if self._target_ssim is not None:  # the calibration's sample runs with it
-                ids = first_windows(grid.counts, self.approximation.drilldown_factor)
-            else:
-                ids = self._lattice_ids
         check = None
         if self._verify is not None and first.plan.exact:  # exact first pass
             check = self._verify(ids)
@@ -392,8 +408,11 @@ class ProgressiveRun:
                 costs[approximation] = self._prepare(approximation).plan.cost_per_row
             return costs[approximation]
 
+        device = self._diffs.device
+
         def heatmap(diffs: torch.Tensor) -> torch.Tensor:
-            return exact.cpu_attribution(diffs, one_channel=True)
+            # On a GPU the calibration's maps and their SSIMs are made there.
+            return exact.attribution_float64(diffs.to(device), one_channel=True)
 
         frozen = PlanApproximation(freeze_global_context=True)
         started = time.perf_counter()

@@ -444,12 +444,16 @@ class WindowCheck:
         )
 
 
-def prepare_checks(prepared: PreparedOcclusion, self_check: bool) -> None:
+def prepare_checks(
+    prepared: PreparedOcclusion, self_check: bool, candidates: np.ndarray | None = None
+) -> None:
     """The checks that come before any window: the forward on the clean input and
     the trace check (every call); check 1 (once per plan) and, with
     `self_check`, check 2 (once per plan; afterwards the default checked windows
     run here too, right after the clean input). Outcomes are kept with the plan, a failure
     included; `prepared.batch_behaviour` holds what check 2 measured.
+    candidates: the windows the call's first pass computes (None: every one),
+    among which the default checked windows are chosen.
 
     Raises UnsupportedForIncremental (trace or batch layout) or SelfCheckFailed."""
     plan = prepared.plan
@@ -459,8 +463,9 @@ def prepare_checks(prepared: PreparedOcclusion, self_check: bool) -> None:
     every = np.arange(grid.num_windows)
     if self_check and plan.batch_behaviour is not None:
         count = check_window_count(prepared, grid.num_windows)
+        first = every if candidates is None else candidates
         run_clean_forward(
-            prepared, check_window_ids(grid.counts, every, count), plan.batch_behaviour
+            prepared, check_window_ids(grid.counts, first, count), plan.batch_behaviour
         )
         prepared.batch_behaviour = plan.batch_behaviour
         return

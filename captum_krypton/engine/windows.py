@@ -72,29 +72,57 @@ class WindowGrid:
     def accumulate(self, diffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of each window's output difference over the positions it covers, and counts.
 
-        diffs: (num_windows, outputs). The sum is separable per dim: along each,
-        a position sums the few windows that cover it (at most ceil(window /
-        stride)), gathered in numpy. Neither BLAS nor torch's thread pool: their
-        threads wait for each other, and for the machine, around such small work.
+        diffs: (num_windows, outputs). Returns the sums, (outputs, *shape), and
+        the counts, broadcastable to `shape`, both float64 on diffs' device.
+
+        The sum is separable per dim: along each, a position sums the few
+        windows that cover it (at most ceil(window / stride)). A dim that one
+        window spans whole (every channel, usually) is a broadcast, made last.
+        On the CPU it runs in numpy: neither BLAS nor torch's thread pool, whose
+        threads wait for each other, and for the machine, around such small
+        work. On a GPU it runs there, with the same operations in the same
+        order, so both give the same bits.
         """
-        total = diffs.detach().to(torch.float64).cpu().numpy()
-        total = total.reshape(*self.counts, diffs.shape[1])
-        counts = []
-        # Dims whose windows span them (one window: every channel) grow the most: last.
-        for dim in sorted(range(len(self.shape)), key=lambda d: self.shape[d] / self.counts[d]):
+        if diffs.device.type == "cpu":
+            table = diffs.detach().to(torch.float64).numpy()
+            total, count = self._accumulate(np.ascontiguousarray(table.T), self._covering, _NUMPY)
+            return torch.from_numpy(total), torch.from_numpy(count)
+        return self._accumulate_on_device(diffs)
+
+    def _accumulate_on_device(self, diffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`accumulate` in torch on diffs' device."""
+        table = diffs.detach().to(torch.float64).t().contiguous()
+        covering = _covering_on(self, diffs.device)
+        return self._accumulate(table, covering, _TorchOps(diffs.device))
+
+    def _accumulate(self, table: Any, tables: tuple, ops: Any) -> tuple[Any, Any]:
+        outputs = table.shape[0]
+        total = table.reshape(outputs, *self.counts)
+        spanned = [
+            count == 1 and window >= size
+            for count, window, size in zip(self.counts, self.window, self.shape)
+        ]
+        # Dims whose windows cover the most positions each grow the array most: last.
+        order = sorted(range(len(self.shape)), key=lambda d: self.shape[d] / self.counts[d])
+        coverings = []
+        for dim in order:
+            if spanned[dim]:
+                coverings.append(ops.ones(self.shape[dim]))
+                continue
             summed, covering = 0.0, 0.0
-            view = [1] * total.ndim
+            view = [1] * len(self.shape)
             view[dim] = -1
-            for index, covers in self._covering[dim]:
-                summed = summed + np.take(total, index, axis=dim) * covers.reshape(view)
+            for index, covers in tables[dim]:
+                summed = summed + ops.take(total, index, dim + 1) * covers.reshape(view)
                 covering = covering + covers
             total = summed
-            counts.append((dim, covering))
-        count = np.ones(())
-        for _, covering in sorted(counts, key=lambda c: c[0]):
-            count = count[..., None] * covering
-        total = np.moveaxis(total, -1, 0)  # (outputs, *shape)
-        return torch.from_numpy(np.ascontiguousarray(total)), torch.from_numpy(count)
+            coverings.append(covering)
+        count = ops.ones(())
+        for dim in range(len(self.shape)):
+            count = count[..., None] * coverings[order.index(dim)]
+        if tuple(total.shape) != (outputs, *self.shape):
+            total = ops.contiguous(ops.broadcast(total, (outputs, *self.shape)))
+        return total, count
 
     def occluded_tiles(
         self,
@@ -133,3 +161,61 @@ class WindowGrid:
         one = torch.ones(1, dtype=torch.long, device=device)
         occluded = tile * (one - mask).to(tile.dtype) + baseline * mask.to(tile.dtype)
         return occluded.movedim(-1, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _covering_on(grid: WindowGrid, device: torch.device) -> tuple:
+    """The grid's covering tables as tensors on `device`, made once."""
+    return tuple(
+        tuple(
+            (
+                torch.from_numpy(index.astype(np.int64)).to(device),
+                torch.from_numpy(covers).to(device),
+            )
+            for index, covers in per_dim
+        )
+        for per_dim in grid._covering
+    )
+
+
+class _NumpyOps:
+    """What `WindowGrid._accumulate` needs, in numpy."""
+
+    @staticmethod
+    def ones(shape: Any) -> np.ndarray:
+        return np.ones(shape)
+
+    @staticmethod
+    def take(values: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
+        return np.take(values, index, axis=axis)
+
+    @staticmethod
+    def broadcast(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return np.broadcast_to(values, shape)
+
+    contiguous = staticmethod(np.ascontiguousarray)
+
+
+_NUMPY = _NumpyOps()
+
+
+class _TorchOps:
+    """The same, in torch on one device (float64)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def ones(self, shape: Any) -> torch.Tensor:
+        return torch.ones(shape, dtype=torch.float64, device=self.device)
+
+    @staticmethod
+    def take(values: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
+        return values.index_select(axis, index)
+
+    @staticmethod
+    def broadcast(values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return values.expand(shape)
+
+    @staticmethod
+    def contiguous(values: torch.Tensor) -> torch.Tensor:
+        return values.contiguous()
