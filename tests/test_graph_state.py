@@ -276,3 +276,37 @@ def test_only_the_last_used_plans_keep_graphs(replayed_on_cpu, prepared_calls, m
     assert len({id(plan) for plan in plans.values()}) == 3
     graphed = {size for size, plan in plans.items() if plan.cuda_graphs}
     assert graphed == {12, 16}  # 14 was used before 16 and the second call on 12
+
+
+@pytest.mark.parametrize("options", [{"drilldown": 0.3}, {"target_ssim": 0.9}])
+def test_a_call_copies_its_clean_run_in_once_per_plan(options, replayed_on_cpu, monkeypatch):
+    """A drill-down call runs several stages on one plan; the first copies the
+    call's clean run into the graphs' private copy, the later ones find it there.
+    The next call, with another input, copies its own: its maps equal those of a
+    twin without graphs, bit for bit."""
+    from captum_krypton.engine import graphs
+
+    copies: list[int] = []
+    load = graphs.GraphState.load
+
+    def counting(self, prepared):
+        version = self._inputs._version  # copy_ bumps it
+        loaded = load(self, prepared)
+        if self._inputs._version != version:
+            copies.append(id(self))
+        return loaded
+
+    monkeypatch.setattr(graphs.GraphState, "load", counting)
+    model = _model("resnet18")
+    occlusion, twin = IncrementalOcclusion(model), IncrementalOcclusion(model)
+    args = dict(sliding_window_shapes=(3, 8, 8), strides=4, target=1, windows_per_batch=16)
+    torch.manual_seed(3)
+    for call in range(4):
+        x = torch.randn(1, 3, 48, 48, dtype=torch.float64)
+        replays, copies[:] = len(replayed_on_cpu), []
+        ours = occlusion.attribute(x, **args, **options)
+        theirs = twin.attribute(x, cuda_graphs=False, **args, **options)
+        assert torch.equal(ours, theirs)
+        if call >= 2:  # graphs captured by now
+            assert len(replayed_on_cpu) > replays
+            assert len(copies) == len(set(copies))  # each private copy loaded once

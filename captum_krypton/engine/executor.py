@@ -77,6 +77,9 @@ class Views:
         shared_copies: Views | None = None,
     ):
         self.env = env
+        # Which clean run these are: views of the same run under another plan
+        # share it (a CUDA graph's private copy holding it needs no reload).
+        self.clean_run: object = object() if shared_copies is None else shared_copies.clean_run
         # Copies of the clean values depend on the clean run only: views of the same
         # run under another plan share them.
         self._channels_last: dict[tuple, torch.Tensor] = (

@@ -84,10 +84,14 @@ class GraphState:
             checked_outputs=None,
         )
         self._inputs = inputs
+        self._holds = prepared.views.clean_run
 
     def load(self, prepared: PreparedOcclusion) -> bool:
         """Copy `prepared`'s clean values, input and baseline in (queued on the
-        current stream, before the replays). False where their shapes differ."""
+        current stream, before the replays), unless this copy holds them already
+        (an earlier stage of the same call). False where their shapes differ."""
+        if self._holds is prepared.views.clean_run:
+            return True
         pairs = [(self._inputs, prepared.inputs)]
         if self._baseline is not None:
             pairs.append((self._baseline, prepared.baseline))
@@ -105,6 +109,7 @@ class GraphState:
         for mine, theirs in pairs:
             if mine is not theirs:
                 mine.copy_(theirs)
+        self._holds = prepared.views.clean_run
         return True
 
 

@@ -141,6 +141,10 @@ class PreparedOcclusion:
     checked_outputs: torch.Tensor | None = None
     #: What the plan's batch check measured (None without the self-check).
     batch_behaviour: Any = None
+    #: The model's parameters and buffers as the call found them
+    #: (CapturedGraph.state_key): plans for other approximations in the same
+    #: call are looked up under it without walking the model again.
+    state_key: tuple = ()
 
     @classmethod
     def prepare(
@@ -175,7 +179,8 @@ class PreparedOcclusion:
                 "the output does not have one row per example (aggregated output)"
             )
         grid = WindowGrid(tuple(inputs.shape[1:]), tuple(window), tuple(strides))
-        plan = _cached_plan(captured, env, inputs, grid, full_threshold, approximation)
+        state_key = captured.state_key()
+        plan = _cached_plan(captured, env, inputs, grid, full_threshold, approximation, state_key)
         return cls(
             captured,
             inputs,
@@ -187,6 +192,7 @@ class PreparedOcclusion:
             full_threshold=full_threshold,
             forward=forward,
             additional_args=tuple(additional_args),
+            state_key=state_key,
         )
 
     def choose_kernels(self, kernels: str, cuda_graphs: bool | None) -> PreparedOcclusion:
@@ -205,7 +211,13 @@ class PreparedOcclusion:
             return self
         env = self.views.env
         plan = _cached_plan(
-            self.captured, env, self.inputs, self.grid, self.full_threshold, approximation
+            self.captured,
+            env,
+            self.inputs,
+            self.grid,
+            self.full_threshold,
+            approximation,
+            self.state_key,
         )
         views = Views(env, plan.device_arrays, shared_copies=self.views)
         return dataclasses.replace(self, plan=plan, views=views)
@@ -435,6 +447,7 @@ def _cached_plan(
     grid: WindowGrid,
     full_threshold: float | None,
     approximation: PlanApproximation,
+    state_key: tuple,
 ) -> RegionPlan:
     """The plan for these settings, from the model's cache while everything it
     depends on is unchanged, else built and cached."""
@@ -450,7 +463,7 @@ def _cached_plan(
         rows,
         approximation,
         torch.backends.cudnn.allow_tf32,
-        captured.state_key(),
+        state_key,
     )
     plan = captured.plans.get(key)
     if plan is None or not plan.fits(env):

@@ -372,7 +372,8 @@ class ProgressiveRun:
                 self._diffs,
                 self._computed,
             )
-            return first.attribution_from(composed, self._dtype)
+            # the windows' sums run where the table is (on a GPU: there)
+            return first.attribution_from(composed.to(self._diffs.device), self._dtype)
         return first.partial_attribution(self._diffs, self._computed, self._dtype)
 
     def _calibrate(self, exact: PreparedOcclusion, first: np.ndarray) -> Calibration:
