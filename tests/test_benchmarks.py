@@ -51,3 +51,18 @@ def test_approximate_runs_on_the_cpu(tmp_path):
     for row in result["rows"]:
         assert len(row["ssim"]) == 2 and 0.0 <= row["share_at_target"] <= 1.0
         assert row["windows_computed"] <= row["windows_total"]
+
+
+def test_call_stages_runs_on_the_cpu(tmp_path):
+    out = tmp_path / "stages.json"
+    _run(
+        "benchmarks.call_stages",
+        *("--device", "cpu", "--size", "48", "--train-steps", "2", "--models", "resnet18"),
+        *("--out", str(out)),
+    )
+    model = json.loads(out.read_text())["models"]["resnet18"]
+    assert model["exact"]["windows"] == 81  # 9 x 9 windows of 16 at stride 4 over 48
+    target = model["target0.9"]
+    assert target["calibration"] is not None and target["windows"] <= 81
+    parts = target["parts_ms_per_call"]
+    assert parts["ProgressiveRun._calibrate"] > 0 and parts["ProgressiveRun._batches"] > 0
