@@ -52,7 +52,10 @@ def test_new_shape_or_window_makes_a_new_plan():
     assert len(_plans(occlusion)) == 3
 
 
-@pytest.mark.parametrize("update", ["in_place", "load_state_dict", "replace_data"])
+@pytest.mark.parametrize(
+    "update",
+    ["in_place", "load_state_dict", "replace_data", "new_parameter", "new_submodule", "buffer"],
+)
 def test_parameter_updates_make_a_new_plan(update):
     model = models.small_cnn()
     occlusion = IncrementalOcclusion(model)
@@ -65,29 +68,39 @@ def test_parameter_updates_make_a_new_plan(update):
     elif update == "load_state_dict":
         state = {k: v * 0.5 for k, v in model.state_dict().items()}
         model.load_state_dict(state)
-    else:
+    elif update == "replace_data":
         conv.weight.data = conv.weight.data * 3
+    elif update == "new_parameter":
+        conv.weight = torch.nn.Parameter(conv.weight.detach() * -1.5)
+    elif update == "new_submodule":
+        model.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+    else:
+        norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        norm.running_mean = torch.rand_like(norm.running_mean)
     _check(occlusion, model, inputs)
     assert len(_plans(occlusion)) == 2
 
 
-class ClampedCNN(models.SmallCNN):
-    """A tensor argument without a batch dim acting on boxed values."""
+def test_state_walk_names_what_the_module_names():
+    """The state key and values come from one walk over the modules' own tables:
+    the same tensors, in the same order, as named_parameters and named_buffers,
+    shared parameters (tied weights) once in the key, under each name in the
+    values."""
+    from captum_krypton.capture.graph import _module_state, _unique
 
-    def forward(self, x, floor):
-        y = torch.clamp(self.conv1(x), min=floor)
-        return self.fc(self.conv3(self.pool(y[:, :8])).mean((2, 3)))
-
-
-def test_tensor_arguments_are_read_each_call():
-    model = models.small_cnn(ClampedCNN)
-    occlusion = IncrementalOcclusion(model)
-    inputs = torch.randn(2, 3, 12, 12)
-    floor = torch.tensor(0.1)
-    for value in (0.1, -0.4):
-        floor.fill_(value)  # the same tensor, written in place
-        expected = Occlusion(model).attribute(
-            inputs, additional_forward_args=(floor,), perturbations_per_eval=16, **ARGS
-        )
-        actual = occlusion.attribute(inputs, additional_forward_args=(floor,), **ARGS)
-        assert_close_to_captum(expected, actual, model(inputs, floor).detach().abs().max())
+    model = torch.nn.Sequential(
+        models.small_cnn(), torch.nn.Flatten(), torch.nn.Linear(5, 5), torch.nn.Linear(5, 5)
+    )
+    model[3].weight = model[2].weight  # tied
+    model.add_module("again", model[2])  # one module under two names
+    parameters, buffers = _module_state(model)
+    seen: set[int] = set()
+    first_names = []
+    for name, tensor in parameters.items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            first_names.append((name, tensor))
+    assert first_names == list(model.named_parameters())
+    assert list(buffers.items()) == list(model.named_buffers())
+    assert parameters["3.weight"] is model[2].weight
+    assert [id(t) for t in _unique(parameters.values())] == [id(t) for t in model.parameters()]

@@ -15,7 +15,7 @@ and read from it by every window.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,16 +102,19 @@ class CapturedGraph:
         tensor argument: a plan holds values derived from them (e.g. folded
         BatchNorm). Writes through `.data` bypass the version counter; after such
         writes, pass the model to a new IncrementalOcclusion."""
-        tensors = itertools.chain(
-            self.root.parameters(),
-            self.root.buffers(),
-            (v for v in self.placeholder_values.values() if isinstance(v, torch.Tensor)),
-        )
+        parameters, buffers = _module_state(self.root)
+        extra = (v for v in self.placeholder_values.values() if isinstance(v, torch.Tensor))
+        tensors = itertools.chain(_unique(parameters.values()), _unique(buffers.values()), extra)
         return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
 
     def state_values(self) -> dict[fx.Node, Any]:
         """The live model's parameters and buffers for the state inputs."""
-        return {node: _fetch(self.root, name) for node, name in self.state.items()}
+        parameters, buffers = _module_state(self.root)
+        values = {}
+        for node, name in self.state.items():
+            value = parameters.get(name, buffers.get(name))
+            values[node] = _fetch(self.root, name) if value is None else value
+        return values
 
     def size_of(self, node: fx.Node, rows: int) -> int:
         """A batch-dependent size node's value for a batch of `rows` rows (the
@@ -160,6 +163,41 @@ def value_inputs(node: fx.Node) -> list[fx.Node]:
         first = node.args[0]
         return [a for a in inputs if a is not first or any(a is b for b in node.args[1:])]
     return inputs
+
+
+def _module_state(root: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every parameter and buffer of `root` by dotted name, in the order of
+    `named_parameters` and `named_buffers` (each module once): one walk over the
+    modules' own tables, without nn.Module's attribute lookup per name."""
+    parameters: dict[str, Any] = {}
+    buffers: dict[str, Any] = {}
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", root)]
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for name, value in module._parameters.items():
+            if value is not None:
+                parameters.setdefault(prefix + name, value)
+        for name, value in module._buffers.items():
+            if value is not None:
+                buffers.setdefault(prefix + name, value)
+        children = [(prefix + n + ".", m) for n, m in module._modules.items() if m is not None]
+        stack.extend(reversed(children))
+    return parameters, buffers
+
+
+def _unique(tensors: Iterable[Any]) -> list[Any]:
+    """Each tensor once (a parameter shared by two modules), in order."""
+    seen: set[int] = set()
+    unique = []
+    for tensor in tensors:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            unique.append(tensor)
+    return unique
 
 
 def _fetch(root: nn.Module, target: str) -> Any:

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from torch import fx
 
 
 def _first_alias(node: fx.Node):
-    schema = getattr(node.target, "_schema", None)
+    target = node.target
+    try:
+        return _alias_of(target)
+    except TypeError:  # an unhashable target
+        return _read_alias(target)
+
+
+@functools.lru_cache(maxsize=4096)
+def _alias_of(target: Any):
+    """`_read_alias`, once per op: the clean run asks it of every node, every call."""
+    return _read_alias(target)
+
+
+def _read_alias(target: Any):
+    schema = getattr(target, "_schema", None)
     return schema.arguments[0].alias_info if schema is not None and schema.arguments else None
 
 
