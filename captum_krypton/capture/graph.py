@@ -97,24 +97,23 @@ class CapturedGraph:
     def graph(self) -> fx.Graph:
         return self.graph_module.graph
 
-    def state_key(self) -> tuple:
-        """Identity, storage and in-place version of every parameter, buffer and
-        tensor argument: a plan holds values derived from them (e.g. folded
-        BatchNorm). Writes through `.data` bypass the version counter; after such
-        writes, pass the model to a new IncrementalOcclusion."""
+    def model_state(self) -> tuple[tuple, dict[fx.Node, Any]]:
+        """The live model's state, read in one walk over its modules:
+
+        key: identity, storage and in-place version of every parameter, buffer and
+            tensor argument; a plan holds values derived from them (e.g. folded
+            BatchNorm). Writes through `.data` bypass the version counter; after
+            such writes, pass the model to a new IncrementalOcclusion.
+        values: the parameters and buffers behind the state inputs."""
         parameters, buffers = _module_state(self.root)
         extra = (v for v in self.placeholder_values.values() if isinstance(v, torch.Tensor))
         tensors = itertools.chain(_unique(parameters.values()), _unique(buffers.values()), extra)
-        return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
-
-    def state_values(self) -> dict[fx.Node, Any]:
-        """The live model's parameters and buffers for the state inputs."""
-        parameters, buffers = _module_state(self.root)
+        key = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
         values = {}
         for node, name in self.state.items():
             value = parameters.get(name, buffers.get(name))
             values[node] = _fetch(self.root, name) if value is None else value
-        return values
+        return key, values
 
     def size_of(self, node: fx.Node, rows: int) -> int:
         """A batch-dependent size node's value for a batch of `rows` rows (the
@@ -226,6 +225,7 @@ def evaluate(
     placeholder_values: dict[fx.Node, Any] | None = None,
     env: dict[fx.Node, Any] | None = None,
     perturb: Callable[[Any], Any] | None = None,
+    state_values: dict[fx.Node, Any] | None = None,
 ) -> dict[fx.Node, Any]:
     """Plain forward through the graph, keeping every node's value (the views).
 
@@ -234,12 +234,15 @@ def evaluate(
     the model runs them (a mask written through slices). `placeholder_values`
     replaces the additional arguments; values computed before an exception stay
     in `env` when the caller passes one; `perturb` is applied to every computed
-    node's value (to measure rounding).
+    node's value (to measure rounding); `state_values`: the model's state as
+    `CapturedGraph.model_state` read it (None: read now).
     The output node's value is the model's output, structured as it returns it.
     """
     env = {} if env is None else env
     extra = captured.placeholder_values if placeholder_values is None else placeholder_values
-    bound = {**captured.state_values(), **captured.constants, **extra}
+    if state_values is None:
+        _, state_values = captured.model_state()
+    bound = {**state_values, **captured.constants, **extra}
     rows = input_value.shape[0]
     for node in captured.nodes:
         if node.op == "placeholder":

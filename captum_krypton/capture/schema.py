@@ -9,20 +9,13 @@ from torch import fx
 
 
 def _first_alias(node: fx.Node):
-    target = node.target
-    try:
-        return _alias_of(target)
-    except TypeError:  # an unhashable target
-        return _read_alias(target)
+    return _alias_of(node.target)
 
 
 @functools.lru_cache(maxsize=4096)
 def _alias_of(target: Any):
-    """`_read_alias`, once per op: the clean run asks it of every node, every call."""
-    return _read_alias(target)
-
-
-def _read_alias(target: Any):
+    """The first argument's alias info in the op's schema, read once per op: the
+    clean run asks it of every node, every call."""
     schema = getattr(target, "_schema", None)
     return schema.arguments[0].alias_info if schema is not None and schema.arguments else None
 

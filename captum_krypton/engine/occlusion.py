@@ -142,7 +142,7 @@ class PreparedOcclusion:
     #: What the plan's batch check measured (None without the self-check).
     batch_behaviour: Any = None
     #: The model's parameters and buffers as the call found them
-    #: (CapturedGraph.state_key): plans for other approximations in the same
+    #: (CapturedGraph.model_state): plans for other approximations in the same
     #: call are looked up under it without walking the model again.
     state_key: tuple = ()
 
@@ -165,8 +165,9 @@ class PreparedOcclusion:
             raise UnsupportedForIncremental("the input batch is empty")
         _check_baseline(inputs, baseline)
         check_ops(captured)  # before the clean run, which would update training-mode state
+        state_key, state_values = captured.model_state()
         with torch.no_grad():
-            env = evaluate(captured, inputs)
+            env = evaluate(captured, inputs, state_values=state_values)
         output = env[captured.output_node]
         if not isinstance(output, torch.Tensor):
             raise not_one_tensor(output)
@@ -179,7 +180,6 @@ class PreparedOcclusion:
                 "the output does not have one row per example (aggregated output)"
             )
         grid = WindowGrid(tuple(inputs.shape[1:]), tuple(window), tuple(strides))
-        state_key = captured.state_key()
         plan = _cached_plan(captured, env, inputs, grid, full_threshold, approximation, state_key)
         return cls(
             captured,
