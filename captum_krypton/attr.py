@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -30,6 +30,8 @@ from captum_krypton.engine.progressive import (
 )
 from captum_krypton.engine.self_check import SelfCheckFailed
 from captum_krypton.engine.settings import EngineSettings, Kernels
+from captum_krypton.engine.target_race import EXACT as EXACT_ARM
+from captum_krypton.engine.target_race import TargetRace
 from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.errors import FallbackWarning, IncrementalNotApplicable, OnceWarnings
 from captum_krypton.options import (
@@ -61,6 +63,8 @@ class IncrementalOcclusion(Occlusion):
         self._preparer = Preparer()
         self._sharded = ShardedOcclusion()
         self._warnings = OnceWarnings()
+        # target_ssim's choice between calibrating and exact mode, by measured time
+        self._target_race = TargetRace()
         #: What the last `attribute` call did (None before the first).
         self.last_run: OcclusionReport | None = None
 
@@ -368,15 +372,43 @@ class IncrementalOcclusion(Occlusion):
     def _stream(
         self, call: CaptumArguments, options: OcclusionOptions, report_batches: bool
     ) -> Iterator[OcclusionProgress]:
-        """One progressive run; `last_run` is set by its end."""
+        """One progressive run; `last_run` is set by its end. Under `target_ssim`
+        the run calibrates or runs exactly, whichever was faster on earlier calls
+        of its kind (engine/target_race.py)."""
         if options.engine == "captum":
             yield self._finish(run_captum(self, call))
             return
+        if options.target_ssim is None:
+            yield from self._stream_run(call, options, report_batches)
+            return
+        kind = _race_kind(call, options)
+        choice = self._target_race.choose(kind)
+        if choice.arm == EXACT_ARM:
+            options = dataclasses.replace(options, target_ssim=None)
+        clock = self._target_race.clock
+        started = clock()
+        finished = yield from self._stream_run(call, options, report_batches)
+        report = self.last_run
+        if report is None or not finished or report.engine != "incremental":
+            return
+        if choice.timed and not report.cancelled:
+            device = call.formatted_inputs[0].device
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the call's time includes the device's
+            self._target_race.record(kind, choice.arm, clock() - started)
+        self.last_run = dataclasses.replace(report, target_ssim_choice=choice.describe())
+
+    def _stream_run(
+        self, call: CaptumArguments, options: OcclusionOptions, report_batches: bool
+    ) -> Generator[OcclusionProgress, None, bool]:
+        """One progressive run on the engine, or Captum's path where it does not
+        apply; returns whether the engine's run finished (it may have been
+        cancelled)."""
         try:
             run = self._progressive_path(call, options, report_batches)
         except (UnsupportedForIncremental, SelfCheckFailed) as exc:
             yield self._finish(self._fall_back(exc, call, options))
-            return
+            return False
         failure: Exception | None = None
         try:
             yield from run.steps()
@@ -389,6 +421,8 @@ class IncrementalOcclusion(Occlusion):
                 self.last_run = run.report
         if failure is not None:
             yield self._finish(self._fall_back(as_check_failure(failure), call, options))
+            return False
+        return True
 
     def _progressive_path(
         self, call: CaptumArguments, options: OcclusionOptions, report_batches: bool
@@ -419,3 +453,18 @@ class IncrementalOcclusion(Occlusion):
     def _finish(self, finished: FinishedRun) -> OcclusionProgress:
         self.last_run = finished.report
         return finished.progress
+
+
+def _race_kind(call: CaptumArguments, options: OcclusionOptions) -> tuple:
+    """What makes target_ssim calls comparable in time: the input's shape, dtype
+    and device, the windows, strides, target and drill-down factor, the devices."""
+    inputs = call.formatted_inputs
+    windows, strides = call.window_shapes()
+    return (
+        tuple((tuple(t.shape), t.dtype, str(t.device)) for t in inputs),
+        tuple(windows),
+        tuple(strides),
+        options.target_ssim,
+        options.approximation.drilldown_factor,
+        options.devices,
+    )

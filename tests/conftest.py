@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -78,6 +79,17 @@ def check_model(model, inputs, additional_forward_args=None, tolerance=None, **k
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def always_calibrate(monkeypatch):
+    """Every target_ssim call calibrates, for tests of the calibration itself
+    (by default later calls of a kind race calibrating against exact mode,
+    engine/target_race.py)."""
+    from captum_krypton import attr
+    from captum_krypton.engine.target_race import TargetRace
+
+    monkeypatch.setattr(attr, "TargetRace", functools.partial(TargetRace, enabled=False))
 
 
 @pytest.fixture

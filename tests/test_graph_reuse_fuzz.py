@@ -464,6 +464,7 @@ APPROXIMATE_CASES = {
 }
 
 
+@pytest.mark.usefixtures("always_calibrate")  # the same arm in both
 @pytest.mark.parametrize("name", list(APPROXIMATE_CASES))
 def test_approximate_calls_in_a_row_equal_the_same_calls_without_graphs(
     name, graphs_on_cpu, prepared_calls

@@ -80,6 +80,7 @@ def test_many_maps_in_torch_score_as_scikit_image_does(shape):
     assert _ssim_many_on_device(shifted, flat).tolist() == [1.0, 0.0]
 
 
+@pytest.mark.usefixtures("always_calibrate")
 @pytest.mark.parametrize("name", ["cnn", "resnet"])
 def test_target_ssim_is_met_on_held_out_images(name):
     """At target_ssim=0.9 the heatmap's SSIM vs exact reaches 0.9 on at least 80%

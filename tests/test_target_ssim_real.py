@@ -23,6 +23,10 @@ from captum_krypton.engine import progressive
 from tests import models
 from tests.conftest import assert_close_to_captum
 
+#: These tests are about the calibration: every call calibrates (the race against
+#: exact mode has its own tests, tests/test_target_race.py).
+pytestmark = pytest.mark.usefixtures("always_calibrate")
+
 TARGET = 0.9
 #: Share of the inputs whose map must reach the target.
 SHARE = 0.9

@@ -101,6 +101,9 @@ class OcclusionReport:
     #: The call's self-check (None where it did not run: turned off, Captum's path,
     #: or no window computed).
     self_check: SelfCheckReport | None = None
+    #: Under `target_ssim`: whether this call calibrated or ran exactly, and why
+    #: (engine/target_race.py); None without a target SSIM.
+    target_ssim_choice: str | None = None
 
 
 def first_pass_windows(
