@@ -361,6 +361,7 @@ def test_later_calls_run_no_batch_shape_the_first_call_did_not():
     assert second and second <= first and third == second
 
 
+@pytest.mark.usefixtures("always_calibrate")
 @pytest.mark.parametrize(
     "options",
     [{}, {"drilldown": 0.2}, {"drilldown": 0.3, "drilldown_factor": 2}, {"target_ssim": 0.9}],
