@@ -191,3 +191,23 @@ def test_hooks_and_parametrizations_run_incrementally(name, model):
     actual = explainer.attribute(x, (3, 4, 4), strides=2, target=1, engine="incremental")
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
     assert explainer.last_run.engine == "incremental"
+
+
+def test_a_rule_that_fails_while_planning_falls_back(monkeypatch):
+    """A rule raising while the plan is made (an engine bug on this model) is a
+    reason for Captum's path, not an error of the call."""
+    from captum_krypton.ops.convolution import ConvRule
+
+    def broken(self, info):
+        raise TypeError("a dtype the rule did not expect")
+
+    monkeypatch.setattr(ConvRule, "spec", broken)
+    model = models.small_cnn()
+    x = torch.randn(2, 3, 12, 12)
+    args = dict(sliding_window_shapes=(3, 4, 4), strides=2, target=1)
+    expected = Occlusion(model).attribute(x, **args)
+    with pytest.warns(FallbackWarning, match="planning failed .TypeError: a dtype"):
+        actual = IncrementalOcclusion(model).attribute(x, **args)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    with pytest.raises(IncrementalNotApplicable, match="planning failed"):
+        IncrementalOcclusion(model).attribute(x, engine="incremental", **args)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from captum.attr import Occlusion
 from torch import nn
 
 from captum_krypton import IncrementalOcclusion
@@ -305,3 +306,26 @@ def test_rules_with_triton_read_in(name, exact_cuda_math):
     window = (3,) + (3,) * len(spatial)
     _, checked = check_every_box(model, x, window, (1,) + (2,) * len(spatial), use_triton=True)
     assert checked >= 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_linear_interpolation_runs_whole(dtype):
+    """In bf16 and fp16 ATen weighs an interpolation's sources in float32 and rounds
+    once, which taps applied dim by dim would not reproduce: bilinear runs on the
+    whole map (nearest, a copy, keeps its box), and the map is Captum's up to the
+    model's bf16/fp16 rounding."""
+    torch.manual_seed(0)
+    model = FPN().eval().to(dtype)
+    x = torch.randn(1, 3, 16, 16).to(dtype)
+    args = dict(sliding_window_shapes=(3, 4, 4), strides=2, target=0)
+    occlusion = IncrementalOcclusion(model)
+    plan = occlusion.plan(x, (3, 4, 4), strides=2, **OPTIONS)
+    modes = {row["op"]: row["mode"] for row in plan.table() if "upsample" in row["op"]}
+    assert modes == {"upsample_nearest2d": "box", "upsample_bilinear2d": "full"}, modes
+    ours = occlusion.attribute(x, engine="incremental", **args, **OPTIONS)
+    expected = Occlusion(model).attribute(x, perturbations_per_eval=16, **args)
+    assert ours.dtype == expected.dtype
+    with torch.no_grad():
+        scale = float(model(x).abs().max())
+    tolerance = 8 * torch.finfo(dtype).eps * scale
+    torch.testing.assert_close(ours.float(), expected.float(), rtol=0, atol=tolerance)

@@ -467,7 +467,16 @@ def _cached_plan(
     )
     plan = captured.plans.get(key)
     if plan is None or not plan.fits(env):
-        plan = build_plan(captured, env, grid.input_geometry(), full_threshold, rows, approximation)
+        try:
+            plan = build_plan(
+                captured, env, grid.input_geometry(), full_threshold, rows, approximation
+            )
+        except UnsupportedForIncremental:
+            raise
+        except Exception as exc:  # a rule that failed on this model: Captum's path
+            raise UnsupportedForIncremental(
+                f"planning failed ({type(exc).__name__}: {exc})"
+            ) from exc
         plan.release_values()
         while len(captured.plans) >= MAX_CACHED_PLANS:
             captured.plans.pop(next(iter(captured.plans)))

@@ -78,7 +78,7 @@ class Taps:
         weight_t = torch.gather(matrix, 1, index_t) * torch.from_numpy(valid).to(matrix.device)
         lo = np.where(nonzero, positions, matrix.shape[1]).min(1)
         hi = np.where(nonzero, positions, -1).max(1) + 1
-        return Taps(index, weight_t.cpu().numpy(), lo, hi, index_t, weight_t)
+        return Taps(index, weight_t.double().cpu().numpy(), lo, hi, index_t, weight_t)
 
     @property
     def count(self) -> int:

@@ -72,6 +72,10 @@ class InterpolationRule(OpRule):
         ndim, copy = _INTERPOLATIONS[packet.__name__]
         if info.value.dim() != ndim + 2:
             return None
+        if not copy and torch.finfo(info.value.dtype).bits < 32:
+            # In bf16/fp16 ATen's kernels weigh the sources in float32 and round
+            # once; taps applied one dim at a time would round at every dim.
+            return None
         b = bind(info.node, info.args, info.kwargs)
         if info.node.target._overloadname == "vec":
             scales = b.get("scale_factors") or [None] * ndim
