@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from captum_krypton.engine.progressive import (
 from captum_krypton.engine.self_check import SelfCheckFailed
 from captum_krypton.engine.settings import EngineSettings, Kernels
 from captum_krypton.engine.target_race import EXACT as EXACT_ARM
-from captum_krypton.engine.target_race import TargetRace
+from captum_krypton.engine.target_race import RaceChoice, TargetRace
 from captum_krypton.engine.windows import WindowGrid
 from captum_krypton.errors import FallbackWarning, IncrementalNotApplicable, OnceWarnings
 from captum_krypton.options import (
@@ -65,6 +65,10 @@ class IncrementalOcclusion(Occlusion):
         self._warnings = OnceWarnings()
         # target_ssim's choice between calibrating and exact mode, by measured time
         self._target_race = TargetRace()
+        # One call at a time per instance: calls from several threads share the
+        # traces, plans, race and `last_run`, and a first call's capture must
+        # not run beside another call's forwards of the same model.
+        self._calls = threading.RLock()
         #: What the last `attribute` call did (None before the first).
         self.last_run: OcclusionReport | None = None
 
@@ -274,8 +278,9 @@ class IncrementalOcclusion(Occlusion):
         )
         check_strides(call)
         check_calibration(call, options)
-        finished = self._run(call, options)
-        self.last_run = finished.report
+        with self._calls:
+            finished = self._run(call, options)
+            self.last_run = finished.report
         return finished.progress.attribution
 
     def attribute_stream(
@@ -315,7 +320,56 @@ class IncrementalOcclusion(Occlusion):
         )
         check_strides(call)
         check_calibration(call, options)
-        yield from self._stream(call, options, report_batches)
+        with self._calls:  # held until the stream ends or is closed
+            options, entry = self._start_race(call, options, race=True)
+            try:
+                yield from self._stream(call, options, report_batches)
+            finally:  # also where the stream is closed at its final report
+                self._end_race(entry)
+
+    def calibrate(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        sliding_window_shapes: tuple[int, ...] | tuple[tuple[int, ...], ...],
+        strides: None | int | tuple[int, ...] | tuple[int | tuple[int, ...], ...] = None,
+        baselines: BaselineType = None,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        *,
+        target_ssim: float,
+        **extras: Any,
+    ) -> Calibration:
+        """Calibrate `target_ssim`'s approximation on `inputs`, for
+        `attribute(..., calibration=...)` on other inputs of the same shape,
+        window and strides (e.g. the rest of a data set), which then run that
+        choice without calibrating and without checking it against the target.
+
+        A `target_ssim` call to `attribute` may run exact mode instead, where
+        that was faster on earlier calls of its kind (engine/target_race.py),
+        and then has no calibration in `last_run`; this always calibrates. It
+        computes the map as `attribute(..., target_ssim=...)` does; `last_run`
+        describes it.
+
+        Takes `attribute`'s arguments and keyword extras (not `tau`,
+        `freeze_global_context`, `drilldown`, `calibration`, `region`: the
+        calibration chooses). Returns the Calibration (`last_run.calibration`).
+        Raises ValueError for a `target_ssim` outside (0, 1), and
+        IncrementalNotApplicable where the engine does not apply (Captum's path
+        has no approximations to calibrate)."""
+        options = OcclusionOptions.from_keywords(target_ssim=target_ssim, **extras)
+        call = CaptumArguments(
+            inputs, sliding_window_shapes, strides, baselines, target, additional_forward_args
+        )
+        check_strides(call)
+        check_calibration(call, options)
+        with self._calls:
+            finished = self._run(call, options, race=False)
+            self.last_run = finished.report
+        if finished.report.calibration is None:
+            raise IncrementalNotApplicable(
+                "no calibration: the call ran on Captum's path (its FallbackWarning says why)"
+            )
+        return finished.report.calibration
 
     def plan(
         self,
@@ -340,9 +394,10 @@ class IncrementalOcclusion(Occlusion):
         )
         settings = EngineSettings(full_threshold=full_threshold, self_check=False)
         try:
-            return self._preparer.prepare(
-                self.forward_func, call, settings, approximation.plan
-            ).plan
+            with self._calls:
+                return self._preparer.prepare(
+                    self.forward_func, call, settings, approximation.plan
+                ).plan
         except UnsupportedForIncremental as exc:
             raise IncrementalNotApplicable(str(exc)) from exc
 
@@ -353,62 +408,78 @@ class IncrementalOcclusion(Occlusion):
         self._sharded.close()
 
     # ------------------------------------------------------------ internals
-    def _run(self, call: CaptumArguments, options: OcclusionOptions) -> FinishedRun:
+    def _run(
+        self, call: CaptumArguments, options: OcclusionOptions, race: bool = True
+    ) -> FinishedRun:
         """The call on its path: in chunks of examples, or as one progressive run,
         on the input's device or shared over devices (with Captum's path where the
-        engine does not apply)."""
+        engine does not apply). Under `target_ssim` (with `race`) the whole call
+        runs one arm of the race against exact mode (engine/target_race.py)."""
+        options, entry = self._start_race(call, options, race)
         if options.devices is None and options.engine != "captum" and chunks.needs_chunks(call):
             quiet = dataclasses.replace(options, on_progress=None)
-            return chunks.attribute_in_chunks(
-                call, partial(self._run, options=quiet), options.on_progress, options.cancel
+            finished = chunks.attribute_in_chunks(
+                call,
+                partial(self._run, options=quiet, race=False),
+                options.on_progress,
+                options.cancel,
             )
-        report_batches = options.on_progress is not None
-        for progress in self._stream(call, options, report_batches):
-            if options.on_progress is not None:
-                options.on_progress(progress)
+            self.last_run = finished.report
+        else:
+            report_batches = options.on_progress is not None
+            for progress in self._stream(call, options, report_batches):
+                if options.on_progress is not None:
+                    options.on_progress(progress)
+            assert self.last_run is not None
+            finished = FinishedRun(progress, self.last_run)
+        self._end_race(entry)
         assert self.last_run is not None
-        return FinishedRun(progress, self.last_run)
+        return FinishedRun(finished.progress, self.last_run)
 
-    def _stream(
-        self, call: CaptumArguments, options: OcclusionOptions, report_batches: bool
-    ) -> Iterator[OcclusionProgress]:
-        """One progressive run; `last_run` is set by its end. Under `target_ssim`
-        the run calibrates or runs exactly, whichever was faster on earlier calls
-        of its kind (engine/target_race.py)."""
-        if options.engine == "captum":
-            yield self._finish(run_captum(self, call))
-            return
-        if options.target_ssim is None:
-            yield from self._stream_run(call, options, report_batches)
-            return
+    def _start_race(
+        self, call: CaptumArguments, options: OcclusionOptions, race: bool
+    ) -> tuple[OcclusionOptions, _RaceEntry | None]:
+        """The options of the arm this target_ssim call runs (exact mode: without
+        the target), and what `_end_race` needs to time it; no race without a
+        target, on Captum's path, or with `race` False."""
+        if not race or options.target_ssim is None or options.engine == "captum":
+            return options, None
         kind = _race_kind(call, options)
         choice = self._target_race.choose(kind)
         if choice.arm == EXACT_ARM:
             options = dataclasses.replace(options, target_ssim=None)
-        clock = self._target_race.clock
-        started = clock()
-        finished = yield from self._stream_run(call, options, report_batches)
-        report = self.last_run
-        if report is None or not finished or report.engine != "incremental":
-            return
-        if choice.timed and not report.cancelled:
-            device = call.formatted_inputs[0].device
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the call's time includes the device's
-            self._target_race.record(kind, choice.arm, clock() - started)
-        self.last_run = dataclasses.replace(report, target_ssim_choice=choice.describe())
+        device = call.formatted_inputs[0].device
+        entry = _RaceEntry(kind, choice, device, self.last_run, self._target_race.clock())
+        return options, entry
 
-    def _stream_run(
+    def _end_race(self, entry: _RaceEntry | None) -> None:
+        """Time the call that `entry` started, if it ran to its end on the engine,
+        and say in `last_run` which arm it ran. A call that fell back to Captum's
+        path, was cancelled or stopped early is not timed."""
+        report = self.last_run
+        if entry is None or report is None or report is entry.previous_report:
+            return
+        if report.engine != "incremental":
+            return
+        if entry.choice.timed and not report.cancelled:
+            if entry.device.type == "cuda":
+                torch.cuda.synchronize(entry.device)  # the call's time includes the device's
+            seconds = self._target_race.clock() - entry.started
+            self._target_race.record(entry.kind, entry.choice.arm, seconds)
+        self.last_run = dataclasses.replace(report, target_ssim_choice=entry.choice.describe())
+
+    def _stream(
         self, call: CaptumArguments, options: OcclusionOptions, report_batches: bool
-    ) -> Generator[OcclusionProgress, None, bool]:
-        """One progressive run on the engine, or Captum's path where it does not
-        apply; returns whether the engine's run finished (it may have been
-        cancelled)."""
+    ) -> Iterator[OcclusionProgress]:
+        """One progressive run; `last_run` is set by its end."""
+        if options.engine == "captum":
+            yield self._finish(run_captum(self, call))
+            return
         try:
             run = self._progressive_path(call, options, report_batches)
         except (UnsupportedForIncremental, SelfCheckFailed) as exc:
             yield self._finish(self._fall_back(exc, call, options))
-            return False
+            return
         failure: Exception | None = None
         try:
             yield from run.steps()
@@ -421,8 +492,6 @@ class IncrementalOcclusion(Occlusion):
                 self.last_run = run.report
         if failure is not None:
             yield self._finish(self._fall_back(as_check_failure(failure), call, options))
-            return False
-        return True
 
     def _progressive_path(
         self, call: CaptumArguments, options: OcclusionOptions, report_batches: bool
@@ -468,3 +537,14 @@ def _race_kind(call: CaptumArguments, options: OcclusionOptions) -> tuple:
         options.approximation.drilldown_factor,
         options.devices,
     )
+
+
+class _RaceEntry(NamedTuple):
+    """A target_ssim call in flight: its kind, arm, input device, the report
+    before it, and when it started (the race's clock)."""
+
+    kind: tuple
+    choice: RaceChoice
+    device: torch.device
+    previous_report: OcclusionReport | None
+    started: float

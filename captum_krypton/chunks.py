@@ -60,12 +60,15 @@ def attribute_in_chunks(
         )
         if on_progress is not None:
             on_progress(progress)
+    runs = -(-examples // EXAMPLES_PER_RUN)
     report = dataclasses.replace(
         finished[-1].report,
         seconds=time.perf_counter() - started,
         cancelled=any(f.report.cancelled for f in finished)
         or len(parts) * EXAMPLES_PER_RUN < examples,
+        # summed over the runs, like the windows computed (every run has the grid)
         windows_computed=sum(f.report.windows_computed for f in finished),
+        windows_total=runs * finished[-1].report.windows_total,
     )
     return FinishedRun(progress, report)
 

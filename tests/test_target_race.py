@@ -10,7 +10,7 @@ import pytest
 import torch
 from captum.attr import Occlusion
 
-from captum_krypton import FallbackWarning, IncrementalOcclusion
+from captum_krypton import FallbackWarning, IncrementalNotApplicable, IncrementalOcclusion
 from captum_krypton.engine import target_race
 from captum_krypton.engine.target_race import CALIBRATE, EXACT, TargetRace
 from tests import models
@@ -123,3 +123,76 @@ def test_calls_off_the_engine_are_not_timed(monkeypatch):
         for _ in range(3):  # the first call is never timed; later ones would be
             occlusion.attribute(inputs, **args)
             assert occlusion.last_run.engine == "captum"
+
+
+def test_a_call_split_into_chunks_runs_one_arm(monkeypatch):
+    """A call of more examples than one run takes is one call of the race: every
+    chunk runs the same arm (the exact arm's map is Captum's for every example)."""
+    from captum_krypton import chunks
+
+    monkeypatch.setattr(chunks, "EXAMPLES_PER_RUN", 2)
+    model = models.small_cnn().double()
+    torch.manual_seed(2)
+    images = torch.randn(5, 3, 16, 16, dtype=torch.float64)
+    args = dict(sliding_window_shapes=(3, 3, 3), strides=1, target=1, target_ssim=0.9)
+    occlusion = IncrementalOcclusion(model)
+    occlusion.attribute(images, **args)  # first call of the kind: calibrates
+    first = occlusion.last_run
+    assert first.target_ssim_choice.startswith(CALIBRATE)
+    assert first.windows_computed < first.windows_total == 3 * 196
+    second = occlusion.attribute(images, **args)  # timing both arms: exact
+    report = occlusion.last_run
+    assert report.target_ssim_choice.startswith(EXACT)
+    assert report.windows_computed == report.windows_total == 3 * 196
+    del args["target_ssim"]
+    exact = Occlusion(model).attribute(images, perturbations_per_eval=16, **args)
+    torch.testing.assert_close(second, exact, rtol=0, atol=1e-10 * float(exact.abs().max()))
+
+
+def test_a_stream_closed_at_its_final_report_is_timed():
+    """Leaving `attribute_stream` once the final report is out (a `break` on
+    `complete`) still times the call and reports its arm."""
+    occlusion = IncrementalOcclusion(models.small_cnn())
+    inputs = torch.randn(1, 3, 16, 16)
+    args = dict(sliding_window_shapes=(3, 3, 3), strides=1, target=1, target_ssim=0.9)
+    arms = []
+    for _ in range(6):
+        for progress in occlusion.attribute_stream(inputs, **args):
+            if progress.complete:
+                break
+        arms.append(occlusion.last_run.target_ssim_choice.split(":")[0])
+    assert arms[:5] == [CALIBRATE, EXACT, CALIBRATE, EXACT, CALIBRATE]
+    assert "faster on earlier calls" in occlusion.last_run.target_ssim_choice
+
+
+def test_calibrate_always_calibrates_and_its_choice_is_reusable():
+    """`calibrate` gives a calibration even where the race would run exact mode
+    (the README's data-set recipe after earlier target_ssim calls of the kind)."""
+    model = models.small_cnn().double()
+    torch.manual_seed(3)
+    images = torch.randn(3, 1, 3, 16, 16, dtype=torch.float64)
+    args = dict(sliding_window_shapes=(3, 3, 3), strides=1, target=1)
+    occlusion = IncrementalOcclusion(model)
+    occlusion.attribute(images[0], target_ssim=0.9, **args)
+    occlusion.attribute(images[0], target_ssim=0.9, **args)
+    assert occlusion.last_run.calibration is None  # the race's exact arm
+    calibration = occlusion.calibrate(images[0], target_ssim=0.9, **args)
+    assert calibration is occlusion.last_run.calibration
+    assert calibration.approximation.drilldown is not None
+    reused = occlusion.attribute(images[1], calibration=calibration, **args)
+    chosen = calibration.approximation
+    given = occlusion.attribute(
+        images[1],
+        tau=chosen.tau,
+        freeze_global_context=chosen.freeze_global_context,
+        drilldown=chosen.drilldown,
+        drilldown_factor=chosen.drilldown_factor,
+        **args,
+    )
+    torch.testing.assert_close(reused, given, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="leave them unset"):
+        occlusion.calibrate(images[0], target_ssim=0.9, tau=0.5, **args)
+    with pytest.raises(ValueError):
+        occlusion.calibrate(images[0], target_ssim=1.5, **args)
+    with pytest.raises(IncrementalNotApplicable, match="no calibration"):
+        occlusion.calibrate(images[0], target_ssim=0.9, engine="captum", **args)

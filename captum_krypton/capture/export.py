@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +38,11 @@ from captum_krypton.capture.graph import (
     value_inputs,
 )
 from captum_krypton.capture.schema import is_view, mutates_first_argument
+
+#: One export at a time in the process: concurrent exports (two threads' first
+#: calls) corrupt each other's tracing state (fake mode, module stack), and
+#: `_quiet` changes process-wide logging and warning filters.
+_EXPORT_LOCK = threading.Lock()
 
 #: Ops that only check what the capture already knows (shapes, dtypes): dropped.
 _ASSERTIONS = ("_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range")
@@ -67,7 +73,7 @@ def _export(module: nn.Module, inputs: torch.Tensor, additional_args: Sequence[A
     specs += [{0: Dim.AUTO} if is_per_example(a, examples) else None for a in additional_args]
     dynamic = _by_parameter(module, specs)
     try:
-        with _quiet():
+        with _EXPORT_LOCK, _quiet():
             return torch.export.export(
                 module,
                 (trace_input, *trace_args),

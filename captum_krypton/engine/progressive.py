@@ -84,7 +84,11 @@ class OcclusionProgress:
 
 @dataclass
 class OcclusionReport:
-    """What the last `attribute` call did (`IncrementalOcclusion.last_run`)."""
+    """What the last `attribute` call did (`IncrementalOcclusion.last_run`).
+
+    windows_computed / windows_total: windows run / those of the requested grid,
+    summed over the runs where a call of more examples than one run takes
+    (chunks.py) is split; the other fields are those of its last run."""
 
     engine: Literal["incremental", "captum"]
     approximation: Approximation
