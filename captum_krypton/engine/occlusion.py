@@ -318,7 +318,7 @@ class PreparedOcclusion:
         """On the CPU: the sum over covering windows in the output's dtype, divided
         by the counts in float32, as Captum computes it."""
         total, count = self.grid.accumulate(diffs)
-        return total.to(dtype).float() / count.float()
+        return _spread_non_finite(self.grid, diffs, total.to(dtype).float() / count.float())
 
     def attribution_float64(self, diffs: torch.Tensor, one_channel: bool = False) -> torch.Tensor:
         """`attribution_from` in float64 on diffs' device, without Captum's
@@ -416,6 +416,22 @@ class PreparedOcclusion:
                 key = ("scalar", type(baseline).__name__, repr(baseline))
             graphs = plan_graphs(self, (key, numerics_key()))
         return graphs.session(self, eager_warm_up=bool(self.cuda_graphs))
+
+
+def _spread_non_finite(
+    grid: WindowGrid, diffs: torch.Tensor, average: torch.Tensor
+) -> torch.Tensor:
+    """Captum adds each window's output difference times its 0/1 mask over the
+    whole input, so a non-finite difference (an overflow, a NaN) makes every
+    position outside that window NaN (inf * 0), and inside it the sum of the
+    windows covering it. The sums over covering windows give the latter; here
+    each output's positions outside any of its non-finite windows become NaN."""
+    bad = ~torch.isfinite(diffs)
+    if not bool(bad.any()):
+        return average
+    covered, _ = grid.accumulate(bad.to(torch.float64))  # (outputs, *shape)
+    inside_all = covered == bad.sum(0).to(covered).view(-1, *[1] * (covered.dim() - 1))
+    return average.masked_fill(~inside_all.to(average.device), float("nan"))
 
 
 @functools.lru_cache(maxsize=16)

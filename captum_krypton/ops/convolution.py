@@ -180,6 +180,13 @@ class ConvRule(SlidingWindowRule):
             or not isinstance(var, torch.Tensor)
         ):
             return None
+        params = [t for t in (mean, var, bn["weight"], bn["bias"]) if isinstance(t, torch.Tensor)]
+        if any(t.dtype != spec.weight.dtype for t in params):
+            return None  # a BatchNorm kept in another dtype: folding would change the conv's
+        if spec.weight.dtype == torch.float16:
+            # fp16's range: the conv's own output may overflow where the folded
+            # conv's does not (or the folded weights may), so they run apart
+            return None
         scale = torch.rsqrt(var + bn["eps"])
         if bn["weight"] is not None:
             scale = scale * bn["weight"]
