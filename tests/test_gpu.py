@@ -423,3 +423,27 @@ def test_replayed_batches_match_captum_across_architectures(name, exact_cuda_mat
     with torch.no_grad():
         scale = model(second).abs().max().item()
     assert_close_to_captum(expected, actual, scale)
+
+
+@pytest.mark.parametrize("kind", ["inf", "nan"])
+def test_cuda_non_finite_windows_give_captums_map(kind, exact_cuda_math):
+    """The NaN spread of non-finite windows (tests/test_non_finite.py) on the
+    GPU, where the windows' sums run there; and a target_ssim series of calls
+    on CUDA times each call to the end of its device work."""
+    from captum.attr import Occlusion
+
+    from captum_krypton import IncrementalOcclusion
+    from tests.test_non_finite import ARGS, OneBadPixel
+
+    model = OneBadPixel(kind).eval().cuda()
+    x = torch.ones(2, 1, 12, 12, device="cuda")
+    baselines = torch.zeros_like(x)
+    baselines[1] = 5.0
+    expected = Occlusion(model).attribute(x, baselines=baselines, **ARGS)
+    occlusion = IncrementalOcclusion(model)
+    actual = occlusion.attribute(x, baselines=baselines, engine="incremental", **ARGS)
+    torch.testing.assert_close(actual, expected, equal_nan=True, rtol=0, atol=1e-6)
+    finite = torch.ones(1, 1, 12, 12, device="cuda") * 3.0
+    for _ in range(3):
+        occlusion.attribute(finite, target_ssim=0.9, **ARGS)
+    assert occlusion.last_run.target_ssim_choice is not None
