@@ -276,8 +276,7 @@ class IncrementalOcclusion(Occlusion):
             devices=devices,
             self_check=self_check,
         )
-        check_strides(call)
-        check_calibration(call, options)
+        _check(call, options)
         with self._calls:
             finished = self._run(call, options)
             self.last_run = finished.report
@@ -318,8 +317,7 @@ class IncrementalOcclusion(Occlusion):
             perturbations_per_eval,
             show_progress,
         )
-        check_strides(call)
-        check_calibration(call, options)
+        _check(call, options)
         with self._calls:  # held until the stream ends or is closed
             options, entry = self._start_race(call, options, race=True)
             try:
@@ -360,8 +358,7 @@ class IncrementalOcclusion(Occlusion):
         call = CaptumArguments(
             inputs, sliding_window_shapes, strides, baselines, target, additional_forward_args
         )
-        check_strides(call)
-        check_calibration(call, options)
+        _check(call, options)
         with self._calls:
             finished = self._run(call, options, race=False)
             self.last_run = finished.report
@@ -522,6 +519,13 @@ class IncrementalOcclusion(Occlusion):
     def _finish(self, finished: FinishedRun) -> OcclusionProgress:
         self.last_run = finished.report
         return finished.progress
+
+
+def _check(call: CaptumArguments, options: OcclusionOptions) -> None:
+    """Captum's checks of the strides and ours of a reused calibration, before
+    anything runs."""
+    check_strides(call)
+    check_calibration(call, options)
 
 
 def _race_kind(call: CaptumArguments, options: OcclusionOptions) -> tuple:

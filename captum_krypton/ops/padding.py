@@ -38,12 +38,11 @@ class Taps:
     """Along one spatial dim, the input positions each output position reads and
     their weights (None: each output position is a copy of one input position).
 
-    `index` and `weight` are (out, K): an output with fewer than K sources repeats
-    its last one with weight 0. `lo` and `hi` bound the sources each output
-    really depends on (nonzero weight): [lo, hi)."""
+    `index` and `weight_t` are (out, K): an output with fewer than K sources
+    repeats its last one with weight 0. `lo` and `hi` bound the sources each
+    output really depends on (nonzero weight): [lo, hi)."""
 
     index: np.ndarray
-    weight: np.ndarray | None
     lo: np.ndarray
     hi: np.ndarray
     index_t: torch.Tensor
@@ -53,7 +52,7 @@ class Taps:
     def copies(sources: np.ndarray, device: torch.device) -> Taps:
         sources = np.asarray(sources, dtype=np.int64)
         index = sources[:, None]
-        return Taps(index, None, sources, sources + 1, torch.from_numpy(index).to(device), None)
+        return Taps(index, sources, sources + 1, torch.from_numpy(index).to(device), None)
 
     @staticmethod
     def from_matrix(matrix: torch.Tensor, copy: bool) -> Taps | None:
@@ -78,7 +77,7 @@ class Taps:
         weight_t = torch.gather(matrix, 1, index_t) * torch.from_numpy(valid).to(matrix.device)
         lo = np.where(nonzero, positions, matrix.shape[1]).min(1)
         hi = np.where(nonzero, positions, -1).max(1) + 1
-        return Taps(index, weight_t.double().cpu().numpy(), lo, hi, index_t, weight_t)
+        return Taps(index, lo, hi, index_t, weight_t)
 
     @property
     def count(self) -> int:
